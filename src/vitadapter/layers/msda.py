@@ -1,0 +1,149 @@
+"""Multi-scale deformable attention: the op (reference form) and the module around it.
+
+Semantics follow SPEC §2: per head, per level, per point a bilinear sample of the value map at
+``loc * size - 0.5`` pixels (corners outside the map contribute zero), weighted and summed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Shapes = Sequence[tuple[int, int]]
+
+
+def ms_deform_attn_reference(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure-PyTorch deformable attention in the ``grid_sample`` form.
+
+    value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) in [0, 1]
+    (x, y) coordinates; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim).
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    samples = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        v = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        samples.append(
+            F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # (B*heads, head_dim, Q, levels*points) weighted over its last axis
+    stacked = torch.cat(samples, dim=-1)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    out = (stacked * weights).sum(-1)
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable attention with upstream's tensor contract.
+
+    ``spatial_shapes`` is a (levels, 2) integer tensor of (H, W); ``level_start_index`` the offset of
+    each level in ``value``'s S axis. ``backend``: "auto" or "reference" (the Triton kernels are not
+    part of this release yet, so both run the reference).
+    """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend must be 'auto' or 'reference', got {backend!r}")
+    for name, t, dims in (
+        ("value", value, 4),
+        ("sampling_locations", sampling_locations, 6),
+        ("attention_weights", attention_weights, 5),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D tensor, got {_describe(t)}")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (levels, 2), got {tuple(spatial_shapes.shape)}")
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    if level_start_index.tolist() != starts:
+        raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes}")
+    if sum(h * w for h, w in shapes) != value.shape[1]:
+        raise ValueError(f"value has {value.shape[1]} positions but spatial_shapes cover {sum(h * w for h, w in shapes)}")
+    b, q, heads, levels, points, _ = sampling_locations.shape
+    if value.shape[0] != b or value.shape[2] != heads or levels != len(shapes):
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} does not fit value {tuple(value.shape)} "
+            f"with {len(shapes)} levels"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights must be {tuple(sampling_locations.shape[:-1])}, got {tuple(attention_weights.shape)}"
+        )
+    return ms_deform_attn_reference(value, shapes, sampling_locations, attention_weights)
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable attention of ``dim``-wide queries into a multi-level value sequence."""
+
+    def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, value_ratio: float = 1.0):
+        super().__init__()
+        value_dim = int(dim * value_ratio)
+        if value_dim % num_heads:
+            raise ValueError(f"dim*deform_ratio ({value_dim}) must be divisible by deform heads ({num_heads})")
+        self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
+        self.head_dim = value_dim // num_heads
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, value_dim)
+        self.output_proj = nn.Linear(value_dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Upstream's start: head m samples along direction 2*pi*m/heads, point p at distance p+1."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float64) * (2 * math.pi / self.num_heads)
+        direction = torch.stack([angles.cos(), angles.sin()], -1)
+        direction = direction / direction.abs().amax(-1, keepdim=True)
+        distance = torch.arange(1, self.num_points + 1, dtype=torch.float64).view(1, 1, -1, 1)
+        bias = direction.view(self.num_heads, 1, 1, 2) * distance
+        bias = bias.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        features: torch.Tensor,
+        spatial_shapes: Shapes,
+    ) -> torch.Tensor:
+        """query (B, Q, dim), reference_points (Q, 2) in [0, 1], features (B, S, dim) -> (B, Q, dim)."""
+        batch, queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(features).view(batch, features.shape[1], heads, self.head_dim)
+        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
+        # offsets are in pixels of their level: divide by each level's (W, H)
+        sizes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points.view(1, queries, 1, 1, 1, 2) + offsets / sizes.view(levels, 1, 2)
+        out = ms_deform_attn_reference(
+            value, spatial_shapes, locations, weights.view(batch, queries, heads, levels, points)
+        )
+        return self.output_proj(out)

@@ -1,0 +1,357 @@
+"""ViT-Adapter on a timm VisionTransformer: image -> 4-level feature pyramid (strides 4, 8, 16, 32).
+
+Model class first, then its default cfgs and the ``@register_model`` entrypoints, timm style.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import InteractionBlock, MSDeformAttn, SpatialPriorModule
+from ..trunks import VisionTransformerTrunk, create_vit
+
+STRIDES = (4, 8, 16, 32)
+# Upstream's spatial prior module and pyramid need every stride up to 32 to divide the image.
+SIZE_DIVISOR = 32
+MIN_SIZE = 32
+
+VitFeatureSource = Literal["interactions", "final"]
+
+
+class ViTAdapter(nn.Module):
+    """A timm ViT (``self.vit``) with upstream ViT-Adapter's spatial prior, injectors and extractors.
+
+    ``vit_feature_source`` picks how ViT features join the pyramid (SPEC §1.6): "interactions"
+    (segmentation codebase: level k gets interaction k's output) or "final" (detection codebase).
+    ``window_size`` lists one attention window per ViT block, ``None`` meaning global attention.
+    Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and the outputs are
+    cropped to ``ceil(h / stride) x ceil(w / stride)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_scale: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        pretrain_size: int = 224,
+        conv_inplane: int = 64,
+        n_points: int = 4,
+        deform_num_heads: int = 6,
+        deform_ratio: float = 1.0,
+        init_values: float = 0.0,
+        interaction_indexes: Optional[Sequence[Sequence[int]]] = None,
+        with_cffn: bool = True,
+        cffn_ratio: float = 0.25,
+        add_vit_feature: bool = True,
+        use_extra_extractor: bool = True,
+        vit_feature_source: VitFeatureSource = "interactions",
+        window_size: Optional[Sequence[Optional[int]]] = None,
+    ):
+        super().__init__()
+        if patch_size != 16:
+            raise ValueError(f"patch_size must be 16 (the pyramid's 1/16 level is the ViT grid), got {patch_size}")
+        if vit_feature_source not in ("interactions", "final"):
+            raise ValueError(f"vit_feature_source must be 'interactions' or 'final', got {vit_feature_source!r}")
+        if interaction_indexes is None:
+            if depth % 4:
+                raise ValueError(f"depth {depth} does not split into 4 interactions: pass interaction_indexes")
+            step = depth // 4
+            interaction_indexes = [[i * step, (i + 1) * step - 1] for i in range(4)]
+        self.interaction_indexes = [(int(r[0]), int(r[-1])) for r in interaction_indexes]
+        _check_interaction_indexes(self.interaction_indexes, depth)
+        self.in_chans = in_chans
+        self.embed_dim = self.num_features = embed_dim
+        self.add_vit_feature = add_vit_feature
+        self.vit_feature_source = vit_feature_source
+        self.grad_checkpointing = False
+
+        self.vit = create_vit(
+            pretrain_size=pretrain_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            layer_scale=layer_scale,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+        self.trunk = VisionTransformerTrunk(self.vit, window_size or [None] * depth)
+
+        self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
+        self.spm = SpatialPriorModule(embed_dim, conv_inplane, in_chans)
+        self.interactions = nn.Sequential(*[
+            InteractionBlock(
+                embed_dim,
+                num_heads=deform_num_heads,
+                num_points=n_points,
+                deform_ratio=deform_ratio,
+                init_values=init_values,
+                with_cffn=with_cffn,
+                cffn_ratio=cffn_ratio,
+                drop_path=drop_path_rate,
+                extra_extractors=use_extra_extractor and i == len(self.interaction_indexes) - 1,
+            )
+            for i in range(len(self.interaction_indexes))
+        ])
+        self.up = nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)
+        self.norm1 = nn.BatchNorm2d(embed_dim)
+        self.norm2 = nn.BatchNorm2d(embed_dim)
+        self.norm3 = nn.BatchNorm2d(embed_dim)
+        self.norm4 = nn.BatchNorm2d(embed_dim)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=stride, module=f"norm{i + 1}") for i, stride in enumerate(STRIDES)
+        ]
+        self.init_adapter_weights()
+
+    def init_adapter_weights(self) -> None:
+        """Upstream's initialisation of everything but the ViT (SPEC §2-§3)."""
+        for part in (self.spm, self.interactions, self.up):
+            part.apply(_init_adapter_module)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Image (B, C, h, w) -> four (B, D, ceil(h/s), ceil(w/s)) maps for s = 4, 8, 16, 32."""
+        return self.forward_features(x)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._check_input(x)
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % SIZE_DIVISOR, 0, -h % SIZE_DIVISOR))
+        batch = x.shape[0]
+
+        c1, *pyramid = self.spm(x)
+        c_grids = [tuple(p.shape[-2:]) for p in pyramid]
+        c = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pyramid)], dim=1)
+
+        tokens, prefix = self.trunk.embed(x)
+        vit_grid = c_grids[1]
+        vit_points = _reference_points([vit_grid], x)
+        c_points = _reference_points(c_grids, x)
+
+        vit_maps = []
+        for interaction, (start, end) in zip(self.interactions, self.interaction_indexes):
+            tokens = self._maybe_checkpoint(interaction.injector, tokens, c, vit_points, c_grids)
+            tokens, prefix = self.trunk.run(tokens, prefix, start, end, vit_grid)
+            c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
+            vit_maps.append(tokens)
+
+        c2, c3, c4 = [
+            part.transpose(1, 2).reshape(batch, self.embed_dim, gh, gw)
+            for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in c_grids], dim=1), c_grids)
+        ]
+        c1 = self.up(c2) + c1
+        levels = [c1, c2, c3, c4]
+        if self.add_vit_feature:
+            if self.vit_feature_source == "final":
+                vit_maps = vit_maps[-1:] * 4
+            for i, (level, feat) in enumerate(zip(levels, vit_maps)):
+                feat = feat.transpose(1, 2).reshape(batch, self.embed_dim, *vit_grid)
+                if feat.shape[-2:] != level.shape[-2:]:
+                    feat = F.interpolate(feat, size=level.shape[-2:], mode="bilinear", align_corners=False)
+                levels[i] = level + feat
+        norms = (self.norm1, self.norm2, self.norm3, self.norm4)
+        return [
+            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)]
+            for norm, level, s in zip(norms, levels, STRIDES)
+        ]
+
+    def _maybe_checkpoint(self, fn, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ViTAdapter expects a torch.Tensor image batch, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"ViTAdapter expects a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"ViTAdapter expects a floating-point image, got dtype {x.dtype}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if min(x.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"image must be at least {MIN_SIZE}x{MIN_SIZE}, got {x.shape[-2]}x{x.shape[-1]}")
+
+    # ---- timm integration ------------------------------------------------------------------------
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """timm's feature API over the four pyramid levels (index 0 = stride 4).
+
+        The levels come out of one pass, so ``stop_early`` saves nothing and ``norm`` has no extra
+        norm to apply: each level already ends in its BatchNorm.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, _ = feature_take_indices(len(STRIDES), indices)
+        levels = self.forward_features(x)
+        if output_fmt == "NHWC":
+            levels = [level.permute(0, 2, 3, 1) for level in levels]
+        picked = [levels[i] for i in take]
+        return picked if intermediates_only else (levels[-1], picked)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, Sequence[int]] = 4, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Every level needs the whole network, so nothing can be pruned; returns the kept indices."""
+        take, _ = feature_take_indices(len(STRIDES), indices)
+        return list(take)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.trunk.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"vit.pos_embed", "level_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for layer-wise lr decay as upstream fine-tunes: embeddings first, then each
+        ViT block; the adapter (unmatched) lands in the last group with the full learning rate."""
+        return dict(
+            stem=r"^vit\.(pos_embed|patch_embed)",
+            blocks=r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None)],
+        )
+
+
+def _check_interaction_indexes(ranges: list[tuple[int, int]], depth: int) -> None:
+    expected = 0
+    for start, end in ranges:
+        if start != expected or end < start:
+            raise ValueError(f"interaction_indexes {ranges} must cover blocks 0..{depth - 1} in order")
+        expected = end + 1
+    if expected != depth or len(ranges) != 4:
+        raise ValueError(f"interaction_indexes {ranges} must be 4 ranges covering blocks 0..{depth - 1}")
+
+
+def _init_adapter_module(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    """Pixel centres ((j + .5) / W, (i + .5) / H) of each grid, row-major, concatenated: (Q, 2)."""
+    points = []
+    for h, w in grids:
+        ys = (torch.arange(h, dtype=torch.float32, device=like.device) + 0.5) / h
+        xs = (torch.arange(w, dtype=torch.float32, device=like.device) + 0.5) / w
+        points.append(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2))
+    return torch.cat(points).to(like.dtype)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+
+def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    return build_model_with_cfg(
+        ViTAdapter,
+        variant,
+        pretrained,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "input_size": (3, 512, 512),
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "vit.patch_embed.proj",
+        "classifier": "",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vit_adapter_t": _cfg(),
+    "vit_adapter_s": _cfg(),
+    "vit_adapter_b": _cfg(),
+    "vit_adapter_l": _cfg(),
+})
+
+
+@register_model
+def vit_adapter_t(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-T: DeiT-Tiny trunk (SPEC §6)."""
+    args = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.1)
+    return _create_vit_adapter("vit_adapter_t", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_s(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-S: DeiT-Small trunk (SPEC §6)."""
+    args = dict(embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2)
+    return _create_vit_adapter("vit_adapter_s", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_b(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-B: DeiT-Base trunk, 224-px position grid (SPEC §6)."""
+    args = dict(embed_dim=768, depth=12, num_heads=12, deform_num_heads=12, deform_ratio=0.5, drop_path_rate=0.3)
+    return _create_vit_adapter("vit_adapter_b", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-L: ViT-L/16 trunk (AugReg), 384-px position grid (SPEC §6)."""
+    args = dict(
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        deform_num_heads=16,
+        deform_ratio=0.5,
+        drop_path_rate=0.4,
+        pretrain_size=384,
+    )
+    return _create_vit_adapter("vit_adapter_l", pretrained, **dict(args, **kwargs))
