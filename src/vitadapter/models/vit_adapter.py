@@ -63,8 +63,11 @@ class ViTAdapter(nn.Module):
         use_extra_extractor: bool = True,
         vit_feature_source: VitFeatureSource = "interactions",
         window_size: Optional[Sequence[Optional[int]]] = None,
+        num_classes: int = 0,
     ):
         super().__init__()
+        if num_classes:
+            raise ValueError(f"ViTAdapter is a feature backbone without a classifier: num_classes must be 0, got {num_classes}")
         if patch_size != 16:
             raise ValueError(f"patch_size must be 16 (the pyramid's 1/16 level is the ViT grid), got {patch_size}")
         if vit_feature_source not in ("interactions", "final"):
@@ -244,7 +247,7 @@ class ViTAdapter(nn.Module):
         """Layer groups for layer-wise lr decay as upstream fine-tunes: embeddings first, then each
         ViT block; the adapter (unmatched) lands in the last group with the full learning rate."""
         return dict(
-            stem=r"^vit\.(pos_embed|patch_embed)",
+            stem=r"^vit\.(?:pos_embed|patch_embed)",
             blocks=r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None)],
         )
 
@@ -308,6 +311,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "std": (0.229, 0.224, 0.225),
         "first_conv": "vit.patch_embed.proj",
         "classifier": "",
+        "num_classes": 0,
         "license": "apache-2.0",
         **kwargs,
     }

@@ -1,0 +1,170 @@
+"""ViTAdapter behaviour: any input size, training, bad input, the registry and timm's feature API."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import vitadapter
+from conftest import load_fixture, max_rel_err
+
+TINY = dict(embed_dim=48, depth=4, num_heads=3, deform_num_heads=3, conv_inplane=8)
+
+
+def tiny(**kwargs):
+    return vitadapter.create_model("vit_adapter_t", **{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize("size", [(32, 32), (33, 47), (70, 50), (100, 161)])
+def test_any_size_gives_ceil_maps(size):
+    model = tiny().eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    for out, stride in zip(outs, (4, 8, 16, 32)):
+        assert out.shape == (1, 48, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+        assert torch.isfinite(out).all()
+
+
+def test_odd_size_is_the_zero_padded_multiple_of_32_cropped():
+    model = tiny().eval()
+    image = torch.randn(2, 3, 70, 50)
+    with torch.no_grad():
+        outs = model(image)
+        padded = model(F.pad(image, (0, 14, 0, 26)))
+    for out, ref in zip(outs, padded):
+        assert torch.allclose(out, ref[..., : out.shape[-2], : out.shape[-1]], atol=1e-5)
+
+
+def test_matches_upstream_on_a_different_size_than_the_fixture():
+    """Resizing the position grid to a new size is what upstream does: a 2x larger input still runs,
+    and its padded odd neighbour is consistent with it."""
+    meta, ckpt, _ = load_fixture("det_vit")
+    model = vitadapter.load_upstream(meta["backbone"], meta["codebase"], ckpt).eval()
+    image = torch.randn(1, 3, 224, 288)
+    with torch.no_grad():
+        outs = model(image)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(56, 72), (28, 36), (14, 18), (7, 9)]
+
+
+def test_training_backward_reaches_every_parameter():
+    model = tiny(drop_path_rate=0.2).train()
+    outs = model(torch.randn(2, 3, 64, 96))
+    sum(o.square().mean() for o in outs).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+    # injector gammas start at 0: their gradient must still flow
+    assert model.interactions[0].injector.gamma.grad.abs().sum() > 0
+
+
+def test_training_updates_batchnorm_statistics_and_drop_path_is_random():
+    model = tiny(drop_path_rate=0.5).train()
+    before = model.norm1.running_mean.clone()
+    image = torch.randn(2, 3, 64, 64)
+    a, b = model(image), model(image)
+    assert not torch.equal(before, model.norm1.running_mean)
+    assert not torch.allclose(a[2], b[2])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(image)[2], model(image)[2])
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = tiny(drop_path_rate=0.0).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    image = torch.randn(1, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        sum(o.sum() for o in model(image)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "bad, error, words",
+    [
+        (torch.randn(1, 1, 64, 64), ValueError, "channels"),
+        (torch.randn(3, 64, 64), ValueError, "4-D"),
+        (torch.randn(1, 3, 31, 64), ValueError, "at least 32"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.int64), TypeError, "floating"),
+        ([[1.0]], TypeError, "Tensor"),
+    ],
+)
+def test_bad_input_is_named(bad, error, words):
+    with pytest.raises(error, match=words):
+        tiny()(bad)
+
+
+def test_unknown_model_name_is_named():
+    with pytest.raises(ValueError, match="vit_adapter_xxl"):
+        vitadapter.create_model("vit_adapter_xxl")
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys():
+    meta, ckpt, _ = load_fixture("seg_vit")
+    cfg = dict(meta["backbone"], embed_dim=48, num_heads=3)
+    with pytest.raises(ValueError, match="shape mismatches: .*attention_weights.weight: checkpoint \\(24, 96\\) vs model \\(24, 48\\)"):
+        vitadapter.load_upstream(cfg, "segmentation", ckpt)
+    cfg = dict(meta["backbone"], use_extra_extractor=False)
+    with pytest.raises(ValueError, match="unexpected keys: interactions.3.extra_extractors"):
+        vitadapter.load_upstream(cfg, "segmentation", ckpt)
+
+
+# parameter counts of the upstream classes, SPEC §6 (ViT part includes the unused cls slot of pos_embed)
+UPSTREAM_PARAMS = {"t": 7_966_640, "s": 27_503_888, "b": 99_495_392, "l": 326_973_632}
+UPSTREAM_ADAPTER = {"t": 2_438_192, "s": 5_830_160, "b": 13_680_608, "l": 23_236_800}
+
+
+@pytest.mark.parametrize("size", ["t", "s", "b", "l"])
+def test_parameter_counts_match_upstream(size):
+    with torch.device("meta"):
+        model = vitadapter.create_model(f"vit_adapter_{size}")
+    total = sum(p.numel() for p in model.parameters())
+    adapter = total - sum(p.numel() for p in model.vit.parameters())
+    assert adapter == UPSTREAM_ADAPTER[size]
+    assert abs(total - UPSTREAM_PARAMS[size]) / UPSTREAM_PARAMS[size] < 1e-3
+
+
+def test_timm_create_model_and_features_only():
+    model = timm.create_model("vit_adapter_t", features_only=True, **TINY).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [48] * 4
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 96))
+    assert [o.shape[-1] for o in outs] == [24, 12, 6, 3]
+    picked = timm.create_model("vit_adapter_t", features_only=True, out_indices=(1, 3), **TINY)
+    assert picked.feature_info.reduction() == [8, 32]
+
+
+def test_forward_intermediates_selects_levels_and_format():
+    model = tiny().eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model(image)
+        final, picked = model.forward_intermediates(image, indices=[0, 2], output_fmt="NHWC")
+    assert torch.equal(final, full[3].permute(0, 2, 3, 1))
+    assert torch.equal(picked[1], full[2].permute(0, 2, 3, 1))
+    assert model.prune_intermediate_layers([1, 2]) == [1, 2]
+
+
+def test_layer_decay_groups_follow_upstream():
+    """Embeddings in the first group, block i in group i+1, the adapter with the last blocks' lr."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+
+    model = tiny()
+    group_of = {n: g for g, names in group_parameters(model, model.group_matcher()).items() for n in names}
+    assert group_of["vit.pos_embed"] == group_of["vit.patch_embed.proj.weight"] == 0
+    assert [group_of[f"vit.blocks.{i}.norm1.weight"] for i in range(4)] == [1, 2, 3, 4]
+    assert group_of["spm.fc1.weight"] == group_of["interactions.0.injector.gamma"] == 5
+    groups = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, layer_decay=0.5).param_groups
+    assert max(g["lr_scale"] for g in groups) == 1.0 and min(g["lr_scale"] for g in groups) == 0.5 ** 5
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert set(model.no_weight_decay()) <= set(params)
+    assert all(id(params[n]) in no_decay for n in model.no_weight_decay())
