@@ -100,9 +100,13 @@ def test_bad_input_is_named(bad, error, words):
         tiny()(bad)
 
 
-def test_unknown_model_name_is_named():
+def test_unknown_model_name_or_tag_is_named():
     with pytest.raises(ValueError, match="vit_adapter_xxl"):
         vitadapter.create_model("vit_adapter_xxl")
+    with pytest.raises(ValueError, match="vit_adapter_t.nonsense"):
+        vitadapter.create_model("vit_adapter_t.nonsense")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        vitadapter.create_model("vit_adapter_t", pretrained=True)
 
 
 def test_checkpoint_that_does_not_fit_names_the_keys():

@@ -28,6 +28,9 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     arch = name.split(".", 1)[0]
     if arch not in list_models():
         raise ValueError(f"unknown model name {name!r}; available: {', '.join(list_models())}")
+    if "." in name and name not in list_pretrained():
+        tags = [n for n in list_pretrained() if n.startswith(arch + ".")]
+        raise ValueError(f"unknown weight tag in {name!r}; {arch} has: {', '.join(tags) or 'no tags yet'}")
     if pretrained and name not in list_pretrained() and not kwargs.get("pretrained_cfg_overlay"):
         raise ValueError(
             f"no pretrained weights are registered for {name!r} yet; "

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from . import __version__, create_model, list_models
 from .visualize import pyramid_picture
 
+
 def _list(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
@@ -65,6 +66,10 @@ def _features(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         levels = model(((pixels - mean) / std).unsqueeze(0))
 
+    strides = [info["reduction"] for info in model.feature_info]
+    # Write first, so a bad --out fails before anything is reported.
+    pyramid_picture(image, [level[0] for level in levels], strides).save(args.out)
+
     print(f"model: {args.model}")
     print(
         f"weights: random initialisation (seed {args.seed}) - no pretrained weights are loaded; "
@@ -72,11 +77,9 @@ def _features(args: argparse.Namespace) -> int:
     )
     print(f"input: {name}, {image.width}x{image.height} (W x H)")
     print("level  stride     C     H     W")
-    for i, level in enumerate(levels):
+    for i, (stride, level) in enumerate(zip(strides, levels)):
         _, c, h, w = level.shape
-        print(f"{i + 1:>5}  {model.feature_info[i]['reduction']:>6}  {c:>4}  {h:>4}  {w:>4}")
-    strides = [info["reduction"] for info in model.feature_info]
-    pyramid_picture(image, [level[0] for level in levels], strides).save(args.out)
+        print(f"{i + 1:>5}  {stride:>6}  {c:>4}  {h:>4}  {w:>4}")
     print(f"wrote {args.out}")
     return 0
 
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="image file (default: the bundled chelsea.png)")
     p.add_argument("--model", default="vit_adapter_t", help="model name (default: %(default)s)")
     p.add_argument("--out", default="vitadapter_features.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--size", type=_positive_int, help="resize so the short side is N px (default: keep the size)")
+    p.add_argument("--size", type=_positive_int, metavar="N", help="resize so the short side is N px (default: keep the size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(run=_features)
     return parser

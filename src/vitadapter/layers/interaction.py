@@ -23,11 +23,12 @@ class DWConv(nn.Module):
     def forward(self, x: torch.Tensor, grids: Shapes) -> torch.Tensor:
         batch, _, chs = x.shape
         parts = x.split([h * w for h, w in grids], dim=1)
+        # tokens are channels-last already: convolve them as such and skip two layout copies
         out = [
-            self.dwconv(part.transpose(1, 2).reshape(batch, chs, h, w)).flatten(2)
+            self.dwconv(part.reshape(batch, h, w, chs).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(batch, h * w, chs)
             for part, (h, w) in zip(parts, grids)
         ]
-        return torch.cat(out, dim=2).transpose(1, 2)
+        return torch.cat(out, dim=1)
 
 
 class ConvFFN(nn.Module):
@@ -53,7 +54,7 @@ class Injector(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, reference_points: torch.Tensor, c_grids: Shapes) -> torch.Tensor:
-        return x + self.gamma * self.attn(self.query_norm(x), reference_points, self.feat_norm(c), c_grids)
+        return torch.addcmul(x, self.gamma, self.attn(self.query_norm(x), reference_points, self.feat_norm(c), c_grids))
 
 
 class Extractor(nn.Module):

@@ -281,10 +281,10 @@ def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> t
     """Pixel centres ((j + .5) / W, (i + .5) / H) of each grid, row-major, concatenated: (Q, 2)."""
     points = []
     for h, w in grids:
-        ys = (torch.arange(h, dtype=torch.float32, device=like.device) + 0.5) / h
-        xs = (torch.arange(w, dtype=torch.float32, device=like.device) + 0.5) / w
+        ys = (torch.arange(h, dtype=like.dtype, device=like.device) + 0.5) / h
+        xs = (torch.arange(w, dtype=like.dtype, device=like.device) + 0.5) / w
         points.append(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2))
-    return torch.cat(points).to(like.dtype)
+    return torch.cat(points)
 
 
 # ---- registry ------------------------------------------------------------------------------------
