@@ -1,6 +1,8 @@
 """Deformable attention: the reference op against a direct transcription of SPEC §2, and its module."""
 import math
 
+import torch.nn.functional as F
+
 import pytest
 import torch
 
@@ -37,6 +39,21 @@ def naive_msda(value, shapes, loc, weights):
     return out.reshape(b_, q_, heads * dim)
 
 
+def grid_sample_msda(value, shapes, loc, weights):
+    """SPEC §2's statement of the op: F.grid_sample per level, weighted and summed."""
+    b_, _, heads, dim = value.shape
+    _, q_, _, levels, points, _ = loc.shape
+    out, start = 0, 0
+    for lvl, (h, w) in enumerate(shapes):
+        vmap = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(b_ * heads, dim, h, w)
+        start += h * w
+        grid = (2 * loc[:, :, :, lvl] - 1).transpose(1, 2).reshape(b_ * heads, q_, points, 2)
+        s = F.grid_sample(vmap, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        a = weights[:, :, :, lvl].transpose(1, 2).reshape(b_ * heads, 1, q_, points)
+        out = out + (s * a).sum(-1)
+    return out.view(b_, heads * dim, q_).transpose(1, 2)
+
+
 def random_inputs(shapes, batch=2, queries=5, heads=2, dim=3, points=2, dtype=torch.float64, spread=1.4):
     s = sum(h * w for h, w in shapes)
     value = torch.randn(batch, s, heads, dim, dtype=dtype)
@@ -51,6 +68,22 @@ def test_reference_equals_naive(shapes):
     value, loc, weights = random_inputs(shapes)
     got = ms_deform_attn_reference(value, shapes, loc, weights)
     assert torch.allclose(got, naive_msda(value, shapes, loc, weights), atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_reference_and_gradients_equal_grid_sample(dtype, tol):
+    """Values and all three gradients against grid_sample's autograd, points inside, on and beyond
+    the border of maps of several sizes."""
+    shapes = [(9, 7), (5, 4), (2, 3), (1, 1)]
+    value, loc, weights = random_inputs(shapes, batch=3, queries=17, heads=4, dim=5, points=3, dtype=dtype, spread=2.0)
+    results = []
+    for fn in (lambda *a: ms_deform_attn_reference(a[0], shapes, *a[1:]), lambda *a: grid_sample_msda(a[0], shapes, *a[1:])):
+        inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out) + torch.arange(out.shape[-1], dtype=dtype))
+        results.append([out] + [t.grad for t in inputs])
+    for name, got, want in zip(("out", "grad_value", "grad_loc", "grad_weights"), *results):
+        assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item()), name
 
 
 def test_exact_pixel_centres_and_outside():

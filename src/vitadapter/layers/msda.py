@@ -21,27 +21,53 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Pure-PyTorch deformable attention in the ``grid_sample`` form.
+    """Pure-PyTorch deformable attention, any device and dtype, differentiable in all three inputs.
 
-    value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) in [0, 1]
-    (x, y) coordinates; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim).
+    value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) as (x, y) in
+    [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim). Equal to
+    ``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level, weighted and
+    summed (SPEC §2), but computed as one gather-and-weighted-sum (``embedding_bag``) over the four
+    bilinear corners of every point: no (heads, head_dim, Q, points) intermediate, no layout copies.
     """
     batch, _, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    samples = []
+    _, queries, _, _, _, _ = sampling_locations.shape
+    coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    # Each level gets a zero border, 1 px before and 2 after, and locations are clamped to
+    # [-1, size]: every corner then lands on a real or a zero pixel, which is exactly zero padding
+    # (a point beyond the border has both corners on zeros; its gradient is zero either way).
+    padded, starts, table_len = [], [], 0
+    for (h, w), part in zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], dim=1)):
+        padded.append(F.pad(part.reshape(batch, h, w, heads * head_dim), (0, 0, 1, 2, 1, 2)).flatten(1, 2))
+        starts.append(table_len)
+        table_len += (h + 3) * (w + 3)
+    table = torch.cat(padded, 1).view(batch * table_len * heads, head_dim)
+
+    corner_rows, corner_weights = [], []
     for level, (h, w) in enumerate(spatial_shapes):
-        v = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
-        grid = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
-        samples.append(
-            F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    # (B*heads, head_dim, Q, levels*points) weighted over its last axis
-    stacked = torch.cat(samples, dim=-1)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    out = (stacked * weights).sum(-1)
-    return out.view(batch, heads * head_dim, queries).transpose(1, 2)
+        xy = sampling_locations[:, :, :, level].to(coord_dtype)
+        px = (xy[..., 0] * w - 0.5).clamp(-1, w)
+        py = (xy[..., 1] * h - 0.5).clamp(-1, h)
+        x0, y0 = px.floor(), py.floor()
+        fx, fy = px - x0, py - y0
+        wx = torch.stack([1 - fx, fx], -1)
+        wy = torch.stack([1 - fy, fy], -1) * attention_weights[:, :, :, level].to(coord_dtype).unsqueeze(-1)
+        corner_weights.append((wy.unsqueeze(-1) * wx.unsqueeze(-2)).flatten(-2))
+        top_left = (y0 + 1) * (w + 3) + (x0 + 1) + starts[level]
+        corners = torch.tensor([0, 1, w + 3, w + 4], dtype=coord_dtype, device=value.device)
+        corner_rows.append(top_left.unsqueeze(-1) + corners)
+    # table row of (batch b, position s, head m) is (b * table_len + s) * heads + m
+    head_and_batch = torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1) + torch.arange(
+        batch, device=value.device
+    ).view(batch, 1, 1, 1, 1) * (table_len * heads)
+    rows = torch.cat(corner_rows, -1).to(torch.int64) * heads + head_and_batch
+    weights = torch.cat(corner_weights, -1).to(value.dtype)
+    out = F.embedding_bag(
+        rows.view(batch * queries * heads, -1),
+        table,
+        per_sample_weights=weights.view(batch * queries * heads, -1),
+        mode="sum",
+    )
+    return out.view(batch, queries, heads * head_dim)
 
 
 def ms_deform_attn(
