@@ -26,12 +26,28 @@ def ms_deform_attn_reference(
     value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) as (x, y) in
     [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim). Equal to
     ``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level, weighted and
-    summed (SPEC §2), but computed as one gather-and-weighted-sum (``embedding_bag``) over the four
-    bilinear corners of every point: no (heads, head_dim, Q, points) intermediate, no layout copies.
+    summed (SPEC §2).
+    """
+    sizes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=sampling_locations.dtype, device=value.device)
+    pixels = sampling_locations * sizes.view(-1, 1, 2) - 0.5
+    return sample_pixels(value, spatial_shapes, pixels[..., 0], pixels[..., 1], attention_weights)
+
+
+def sample_pixels(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The op with locations in pixel coordinates of their level (pixel centres at integers).
+
+    x, y, attention_weights: (B, Q, heads, levels, points). Computed as one gather-and-weighted-sum
+    (``embedding_bag``) over the four bilinear corners of every point: no (heads, head_dim, Q,
+    points) intermediate as with grid_sample, and no layout copies.
     """
     batch, _, heads, head_dim = value.shape
-    _, queries, _, _, _, _ = sampling_locations.shape
-    coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    queries = x.shape[1]
     # Each level gets a zero border, 1 px before and 2 after, and locations are clamped to
     # [-1, size]: every corner then lands on a real or a zero pixel, which is exactly zero padding
     # (a point beyond the border has both corners on zeros; its gradient is zero either way).
@@ -41,30 +57,30 @@ def ms_deform_attn_reference(
         starts.append(table_len)
         table_len += (h + 3) * (w + 3)
     table = torch.cat(padded, 1).view(batch * table_len * heads, head_dim)
+    # table row of (batch b, position s, head m) is (b * table_len + s) * heads + m
+    row_offset = (
+        torch.arange(heads, device=value.device)
+        + torch.arange(batch, device=value.device).view(batch, 1, 1) * (table_len * heads)
+    ).view(batch, 1, heads, 1)
 
-    corner_rows, corner_weights = [], []
+    rows, corner_weights = [], []
     for level, (h, w) in enumerate(spatial_shapes):
-        xy = sampling_locations[:, :, :, level].to(coord_dtype)
-        px = (xy[..., 0] * w - 0.5).clamp(-1, w)
-        py = (xy[..., 1] * h - 0.5).clamp(-1, h)
+        px = x[:, :, :, level].clamp(-1, w)
+        py = y[:, :, :, level].clamp(-1, h)
         x0, y0 = px.floor(), py.floor()
         fx, fy = px - x0, py - y0
-        wx = torch.stack([1 - fx, fx], -1)
-        wy = torch.stack([1 - fy, fy], -1) * attention_weights[:, :, :, level].to(coord_dtype).unsqueeze(-1)
-        corner_weights.append((wy.unsqueeze(-1) * wx.unsqueeze(-2)).flatten(-2))
-        top_left = (y0 + 1) * (w + 3) + (x0 + 1) + starts[level]
-        corners = torch.tensor([0, 1, w + 3, w + 4], dtype=coord_dtype, device=value.device)
-        corner_rows.append(top_left.unsqueeze(-1) + corners)
-    # table row of (batch b, position s, head m) is (b * table_len + s) * heads + m
-    head_and_batch = torch.arange(heads, device=value.device).view(1, 1, heads, 1, 1) + torch.arange(
-        batch, device=value.device
-    ).view(batch, 1, 1, 1, 1) * (table_len * heads)
-    rows = torch.cat(corner_rows, -1).to(torch.int64) * heads + head_and_batch
-    weights = torch.cat(corner_weights, -1).to(value.dtype)
+        lower = attention_weights[:, :, :, level] * fy
+        upper = attention_weights[:, :, :, level] - lower
+        upper_right, lower_right = upper * fx, lower * fx
+        corner_weights.append(torch.stack([upper - upper_right, upper_right, lower - lower_right, lower_right], -1))
+        pitch = w + 3
+        top_left = x0.add(y0, alpha=pitch).add_(pitch + 1 + starts[level]).to(torch.int64) * heads + row_offset
+        steps = torch.tensor([0, heads, pitch * heads, (pitch + 1) * heads], device=value.device)
+        rows.append(top_left.unsqueeze(-1) + steps)
     out = F.embedding_bag(
-        rows.view(batch * queries * heads, -1),
+        torch.stack(rows, 3).view(batch * queries * heads, -1),
         table,
-        per_sample_weights=weights.view(batch * queries * heads, -1),
+        per_sample_weights=torch.stack(corner_weights, 3).to(value.dtype).view(batch * queries * heads, -1),
         mode="sum",
     )
     return out.view(batch, queries, heads * head_dim)
@@ -166,10 +182,10 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(features).view(batch, features.shape[1], heads, self.head_dim)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
-        # offsets are in pixels of their level: divide by each level's (W, H)
+        # offsets are in pixels of their level: add them to the reference point in those pixels
         sizes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
-        locations = reference_points.view(1, queries, 1, 1, 1, 2) + offsets / sizes.view(levels, 1, 2)
-        out = ms_deform_attn_reference(
-            value, spatial_shapes, locations, weights.view(batch, queries, heads, levels, points)
-        )
+        ref = (reference_points.view(queries, 1, 2) * sizes - 0.5).view(1, queries, 1, levels, 1, 2)
+        x = offsets[..., 0] + ref[..., 0]
+        y = offsets[..., 1] + ref[..., 1]
+        out = sample_pixels(value, spatial_shapes, x, y, weights.view(batch, queries, heads, levels, points))
         return self.output_proj(out)
