@@ -175,21 +175,27 @@ class ViTAdapter(nn.Module):
             part.reshape(batch, gh, gw, self.embed_dim).permute(0, 3, 1, 2)
             for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in c_grids], dim=1), c_grids)
         ]
-        c1 = self.up(c2) + c1
+        # c2..c4 are views of c (saved for backward); c1 is the transposed conv's fresh output and
+        # can take its sums in place, which saves two full-resolution buffers.
+        c1 = self.up(c2).add_(c1)
         levels = [c1, c2, c3, c4]
         if self.add_vit_feature:
             if self.vit_feature_source == "final":
                 vit_maps = vit_maps[-1:] * 4
-            for i, (level, feat) in enumerate(zip(levels, vit_maps)):
-                feat = feat.reshape(batch, *vit_grid, self.embed_dim).permute(0, 3, 1, 2)
-                if feat.shape[-2:] != level.shape[-2:]:
-                    feat = F.interpolate(feat, size=level.shape[-2:], mode="bilinear", align_corners=False)
-                levels[i] = level + feat
+            feats = [self._vit_map(t, vit_grid, level.shape[-2:]) for t, level in zip(vit_maps, levels)]
+            levels = [c1.add_(feats[0])] + [level + feat for level, feat in zip(levels[1:], feats[1:])]
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
         return [
             norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)]
             for norm, level, s in zip(norms, levels, STRIDES)
         ]
+
+    def _vit_map(self, tokens: torch.Tensor, grid: tuple[int, int], size: torch.Size) -> torch.Tensor:
+        """ViT tokens as a (channels-last) map, resized bilinearly to a pyramid level's size."""
+        feat = tokens.reshape(tokens.shape[0], *grid, self.embed_dim).permute(0, 3, 1, 2)
+        if feat.shape[-2:] == size:
+            return feat
+        return F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
 
     def _maybe_checkpoint(self, fn, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():
