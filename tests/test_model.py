@@ -172,3 +172,18 @@ def test_layer_decay_groups_follow_upstream():
     params = dict(model.named_parameters())
     assert set(model.no_weight_decay()) <= set(params)
     assert all(id(params[n]) in no_decay for n in model.no_weight_decay())
+
+
+def test_bfloat16_autocast_and_bfloat16_weights_stay_close_to_float32():
+    """Locations are computed in float32 whatever the dtype, so low precision costs little."""
+    model = tiny().eval()
+    image = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(image)
+        low = model.to(torch.bfloat16)(image.bfloat16())
+    for outs in (mixed, low):
+        for out, r in zip(outs, ref):
+            assert max_rel_err(out.float(), r) < 3e-2
+    assert all(o.dtype == torch.bfloat16 for o in low)

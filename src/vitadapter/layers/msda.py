@@ -182,9 +182,11 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(features).view(batch, features.shape[1], heads, self.head_dim)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
-        # offsets are in pixels of their level: add them to the reference point in those pixels
-        sizes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
-        ref = (reference_points.view(queries, 1, 2) * sizes - 0.5).view(1, queries, 1, levels, 1, 2)
+        # offsets are in pixels of their level: add them to the reference point in those pixels,
+        # in at least float32 (a bfloat16 coordinate on a 128-px map is off by up to half a pixel)
+        coord_dtype = torch.promote_types(query.dtype, torch.float32)
+        sizes = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=coord_dtype, device=query.device)
+        ref = (reference_points.to(coord_dtype).view(queries, 1, 2) * sizes - 0.5).view(1, queries, 1, levels, 1, 2)
         x = offsets[..., 0] + ref[..., 0]
         y = offsets[..., 1] + ref[..., 1]
         out = sample_pixels(value, spatial_shapes, x, y, weights.view(batch, queries, heads, levels, points))

@@ -292,10 +292,10 @@ def _init_adapter_module(m: nn.Module) -> None:
 
 def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
     """Pixel centres ((j + .5) / W, (i + .5) / H) of each grid, row-major, concatenated: (Q, 2)."""
-    points = []
+    points, dtype = [], torch.promote_types(like.dtype, torch.float32)
     for h, w in grids:
-        ys = (torch.arange(h, dtype=like.dtype, device=like.device) + 0.5) / h
-        xs = (torch.arange(w, dtype=like.dtype, device=like.device) + 0.5) / w
+        ys = (torch.arange(h, dtype=dtype, device=like.device) + 0.5) / h
+        xs = (torch.arange(w, dtype=dtype, device=like.device) + 0.5) / w
         points.append(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2))
     return torch.cat(points)
 
