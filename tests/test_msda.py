@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vitadapter
-from vitadapter.layers.msda import MSDeformAttn, ms_deform_attn_reference
+from vitadapter.layers.msda import MSDeformAttn
+from vitadapter.layers.msda_op import ms_deform_attn_reference
 
 
 def naive_msda(value, shapes, loc, weights):

@@ -1,6 +1,6 @@
 """vitadapter: ViT-Adapter feature pyramids on real timm ViTs, in pure PyTorch."""
 from ._factory import create_model, list_models, list_pretrained
-from .layers.msda import ms_deform_attn
+from .layers.msda_op import ms_deform_attn
 from .models import ViTAdapter
 from .upstream import load_upstream
 

@@ -1,6 +1,7 @@
 """Adapter building blocks, one concern per file."""
 from .interaction import ConvFFN, Extractor, Injector, InteractionBlock
-from .msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
+from .msda import MSDeformAttn
+from .msda_op import ms_deform_attn, ms_deform_attn_reference
 from .spatial_prior import SpatialPriorModule
 from .window_attn import windowed_attention
 

@@ -8,7 +8,8 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .msda import MSDeformAttn, Shapes
+from .msda import MSDeformAttn
+from .msda_op import Shapes
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 

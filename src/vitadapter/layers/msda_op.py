@@ -1,0 +1,322 @@
+"""Multi-scale deformable attention as one torch op: ``vitadapter::ms_deform_attn``.
+
+Semantics (SPEC §2): per head, level and point, a bilinear sample of the value map at pixel
+``location * size - 0.5`` (corners off the map count as zero), weighted and summed; exactly
+``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level.
+
+Two implementations behind one op, registered with ``torch.library`` (fake tensor support and
+autograd included, so it works under ``torch.compile`` and ``torch.export``):
+- "triton": the kernels in ``vitadapter.kernels`` (CUDA; CPU tensors through Triton's
+  interpreter when ``TRITON_INTERPRET=1``);
+- "reference": pure PyTorch on any device, one gather-and-weighted-sum (``embedding_bag``) over the
+  four bilinear corners of every point, with an analytic backward of the same form.
+``backend="auto"`` picks Triton for CUDA tensors when Triton imports, the reference otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Shapes = Sequence[tuple[int, int]]
+BACKENDS = ("auto", "triton", "reference")
+
+
+# ---- reference ---------------------------------------------------------------------------------
+
+
+class _Corners:
+    """Rows of the four bilinear corners of every sampling point in a zero-bordered value table.
+
+    Each level gets a zero border, 1 px before and 2 after, and pixel coordinates are clamped to
+    [-1, size]: every corner then lands on a real or a zero pixel, which is exactly zero padding
+    (a point beyond the border has all corners on zeros; its gradient is zero either way).
+    Per-level loops keep every elementwise pass a tensor-with-scalar one, the fast kind on CPU.
+    """
+
+    def __init__(self, value: torch.Tensor, spatial_shapes: Shapes, sampling_locations: torch.Tensor):
+        batch, _, heads, head_dim = value.shape
+        device = value.device
+        self.spatial_shapes = spatial_shapes
+        padded, self.starts, table_len = [], [], 0
+        for (h, w), part in zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], dim=1)):
+            padded.append(F.pad(part.reshape(batch, h, w, heads * head_dim), (0, 0, 1, 2, 1, 2)).flatten(1, 2))
+            self.starts.append(table_len)
+            table_len += (h + 3) * (w + 3)
+        self.table = torch.cat(padded, 1).view(batch * table_len * heads, head_dim)
+        self.table_len = table_len
+
+        # table row of (batch b, position s, head m) is (b * table_len + s) * heads + m
+        offset = (
+            torch.arange(heads, device=device)
+            + torch.arange(batch, device=device).view(batch, 1, 1) * (table_len * heads)
+        ).view(batch, 1, heads, 1)
+        self.coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+        rows, fracs, self.pixels = [], [], []
+        for level, (h, w) in enumerate(spatial_shapes):
+            xy = sampling_locations[:, :, :, level].to(self.coord_dtype)
+            px, py = xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5
+            self.pixels.append((px, py))
+            px, py = px.clamp(-1, w), py.clamp(-1, h)
+            x0, y0 = px.floor(), py.floor()
+            fracs.append(torch.stack([px - x0, py - y0], -1))
+            pitch = w + 3
+            top_left = x0.add(y0, alpha=pitch).add_(pitch + 1 + self.starts[level]).to(torch.int64) * heads + offset
+            steps = torch.tensor([0, heads, pitch * heads, (pitch + 1) * heads], device=device)
+            rows.append(top_left.unsqueeze(-1) + steps)
+        self.rows = torch.stack(rows, 3)  # (B, Q, heads, L, P, 4)
+        self.frac = torch.stack(fracs, 3)  # (B, Q, heads, L, P, 2)
+
+    def weights(self, attention_weights: torch.Tensor) -> torch.Tensor:
+        """attention x bilinear weight of each corner: (y0,x0) (y0,x1) (y1,x0) (y1,x1) on the last axis."""
+        fx, fy = self.frac[..., 0], self.frac[..., 1]
+        lower = attention_weights.to(self.coord_dtype) * fy
+        upper = attention_weights.to(self.coord_dtype) - lower
+        upper_right, lower_right = upper * fx, lower * fx
+        return torch.stack([upper - upper_right, upper_right, lower - lower_right, lower_right], -1)
+
+    def inside_clamp(self) -> torch.Tensor:
+        """Where the pixel coordinate was not clamped (the clamp passes gradient only there)."""
+        return torch.stack([
+            torch.stack([(px >= -1) & (px <= w), (py >= -1) & (py <= h)], -1)
+            for (px, py), (h, w) in zip(self.pixels, self.spatial_shapes)
+        ], 3)
+
+    def sizes(self) -> torch.Tensor:
+        return torch.tensor([(w, h) for h, w in self.spatial_shapes], dtype=self.coord_dtype, device=self.frac.device)
+
+
+def ms_deform_attn_reference(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure-PyTorch forward, any device and dtype, differentiable by autograd in all inputs.
+
+    value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) as (x, y) in
+    [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim).
+    """
+    batch, _, heads, head_dim = value.shape
+    queries = sampling_locations.shape[1]
+    corners = _Corners(value, spatial_shapes, sampling_locations)
+    weights = corners.weights(attention_weights)
+    out = F.embedding_bag(
+        corners.rows.view(batch * queries * heads, -1),
+        corners.table,
+        per_sample_weights=weights.to(value.dtype).view(batch * queries * heads, -1),
+        mode="sum",
+    )
+    return out.view(batch, queries, heads * head_dim)
+
+
+def ms_deform_attn_reference_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the reference for value, sampling_locations and attention_weights, computed
+    directly (the op's backward runs where autograd cannot record)."""
+    batch, keys, heads, head_dim = value.shape
+    corners = _Corners(value, spatial_shapes, sampling_locations)
+    coord = corners.coord_dtype
+    grad = grad_output.to(coord).view(batch, -1, heads, 1, 1, 1, head_dim)
+    corner_values = corners.table.to(coord)[corners.rows]  # (B, Q, heads, L, P, 4, D)
+    dots = (corner_values * grad).sum(-1)  # grad . value at each corner
+    attn = attention_weights.to(coord)
+    bilinear = corners.weights(torch.ones_like(attn))
+    grad_attn = (bilinear * dots).sum(-1)
+    fx, fy = corners.frac[..., 0], corners.frac[..., 1]
+    d00, d01, d10, d11 = dots.unbind(-1)
+    d_x = (1 - fy) * (d01 - d00) + fy * (d11 - d10)
+    d_y = (1 - fx) * (d10 - d00) + fx * (d11 - d01)
+    grad_loc = torch.stack([d_x, d_y], -1) * attn.unsqueeze(-1) * corners.sizes().view(-1, 1, 2) * corners.inside_clamp()
+
+    contributions = (bilinear * attn.unsqueeze(-1)).unsqueeze(-1) * grad  # (B, Q, heads, L, P, 4, D)
+    grad_table = torch.zeros(corners.table.shape, dtype=coord, device=value.device)
+    grad_table.index_add_(0, corners.rows.flatten(), contributions.reshape(-1, head_dim))
+    grad_table = grad_table.view(batch, corners.table_len, heads, head_dim)
+    grad_value = torch.cat([
+        grad_table[:, start:start + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, heads, head_dim)[:, 1:h + 1, 1:w + 1]
+        .reshape(batch, h * w, heads, head_dim)
+        for start, (h, w) in zip(corners.starts, spatial_shapes)
+    ], 1)
+    return (
+        grad_value.to(value.dtype),
+        grad_loc.to(sampling_locations.dtype),
+        grad_attn.to(attention_weights.dtype),
+    )
+
+
+# ---- the op --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kernels():
+    try:
+        from vitadapter import kernels
+    except ImportError as e:  # no Triton on this platform
+        raise RuntimeError(f"backend='triton' needs Triton, which does not import here ({e})") from e
+    return kernels
+
+
+def _python_shapes(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+@torch.library.custom_op("vitadapter::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        return _kernels().msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_reference(value, _python_shapes(spatial_shapes), sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], heads * head_dim)
+
+
+@torch.library.custom_op("vitadapter::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _kernels().msda_backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return ms_deform_attn_reference_backward(
+        grad_output, value, _python_shapes(spatial_shapes), sampling_locations, attention_weights
+    )
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_output):
+    grads = _ms_deform_attn_backward_op(grad_output.contiguous(), *ctx.saved_tensors, ctx.backend)
+    grad_value, grad_loc, grad_attn = grads
+    return grad_value, None, None, grad_loc, grad_attn, None
+
+
+_ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public entry points -----------------------------------------------------------------------
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> "triton" for CUDA tensors when Triton imports, else "reference"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "reference"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' on {device.type} tensors runs through Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before importing vitadapter (slow; meant for tests), or use 'reference'"
+        )
+    return backend
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        _kernels()
+    except RuntimeError:
+        return False
+    return True
+
+
+def ms_deform_attn_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The op without input checks (they read tensor values, which costs a sync and a graph break)."""
+    return _ms_deform_attn_op(
+        value.contiguous(),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+        resolve_backend(backend, value.device),
+    )
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable attention with upstream's tensor contract, checked.
+
+    value (B, S, heads, head_dim); spatial_shapes (levels, 2) integer (H, W); level_start_index
+    (levels,) offset of each level in S; sampling_locations (B, Q, heads, levels, points, 2) as
+    (x, y) in [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim)
+    in ``value``'s dtype. ``backend``: "auto", "triton" or "reference".
+    """
+    for name, t, dims in (
+        ("value", value, 4),
+        ("spatial_shapes", spatial_shapes, 2),
+        ("level_start_index", level_start_index, 1),
+        ("sampling_locations", sampling_locations, 6),
+        ("attention_weights", attention_weights, 5),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D tensor, got {_describe(t)}")
+    batch, queries, heads, levels, points, _ = sampling_locations.shape
+    if spatial_shapes.shape != (levels, 2) or spatial_shapes.is_floating_point():
+        raise ValueError(f"spatial_shapes must be an integer ({levels}, 2) tensor, got {_describe(spatial_shapes)}")
+    if value.shape[0] != batch or value.shape[2] != heads or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} does not fit value {tuple(value.shape)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"attention_weights must be {tuple(sampling_locations.shape[:-1])}, got {tuple(attention_weights.shape)}"
+        )
+    if not torch.compiler.is_compiling():
+        shapes = _python_shapes(spatial_shapes)
+        starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+        if level_start_index.tolist() != starts:
+            raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes}")
+        if sum(h * w for h, w in shapes) != value.shape[1]:
+            raise ValueError(f"value has {value.shape[1]} positions but spatial_shapes cover {sum(h * w for h, w in shapes)}")
+    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, backend)
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

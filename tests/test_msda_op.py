@@ -1,0 +1,194 @@
+"""The op ``vitadapter::ms_deform_attn``: Triton kernels (through the interpreter without a GPU) and
+the reference backward against autograd of the reference forward; registrations; compile; autocast."""
+import pytest
+import torch
+
+import vitadapter
+from vitadapter.layers.msda_op import (
+    _ms_deform_attn_op,
+    ms_deform_attn_op,
+    ms_deform_attn_reference,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def make_inputs(shapes, batch=2, queries=7, heads=2, head_dim=8, points=2, dtype=torch.float32,
+                device=DEVICE, spread=1.6, seed=0):
+    """Random inputs; locations reach beyond the maps on every side."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, keys, heads, head_dim, generator=gen, dtype=torch.float64)
+    loc = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64)
+    loc = loc * spread - (spread - 1) / 2
+    attn = torch.rand(batch, queries, heads, len(shapes), points, generator=gen, dtype=torch.float64)
+    spatial = torch.tensor(shapes, device=device)
+    starts = torch.cumsum(spatial.prod(1), 0) - spatial.prod(1)
+    return [t.to(device=device, dtype=dtype) for t in (value, loc, attn)], spatial, starts
+
+
+def reference_with_autograd(value, shapes, loc, attn, grad):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn_reference(inputs[0], shapes, *inputs[1:])
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+def op_with_grads(value, spatial, starts, loc, attn, grad, backend):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn_op(inputs[0], spatial, starts, inputs[1], inputs[2], backend)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+CASES = {
+    # shapes, heads, head_dim, points, batch
+    "one-level": ([(4, 5)], 2, 8, 2, 1),
+    "three-levels-dim24": ([(6, 5), (3, 3), (2, 1)], 2, 24, 2, 2),
+    "dim48-one-pixel-level": ([(5, 4), (1, 1)], 1, 48, 3, 2),
+    "dim96-four-points": ([(3, 6)], 1, 96, 4, 1),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_equal_autograd_of_the_reference(case, backend):
+    shapes, heads, head_dim, points, batch = CASES[case]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=batch, heads=heads, head_dim=head_dim,
+                                                      points=points)
+    grad = torch.randn(batch, loc.shape[1], heads * head_dim, device=DEVICE)
+    want = reference_with_autograd(value, shapes, loc, attn, grad)
+    got = op_with_grads(value, spatial, starts, loc, attn, grad, backend)
+    for name, g, w in zip(("out", "grad_value", "grad_locations", "grad_weights"), got, want):
+        assert g.dtype == w.dtype
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item()), name
+
+
+def test_border_centres_and_far_outside_points():
+    """Locations on pixel centres, exactly on the map edges and far away, all three gradients."""
+    shapes = [(3, 4), (2, 2)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=1, queries=6, heads=1, head_dim=4, points=2)
+    edges = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.125, 1 / 6], [-5.0, 0.5], [0.5, 7.0], [1.0, 0.5]], device=DEVICE)
+    loc[0, :, 0, :, 0] = edges.view(6, 1, 2)
+    grad = torch.randn(1, 6, 4, device=DEVICE)
+    want = reference_with_autograd(value, shapes, loc, attn, grad)
+    got = op_with_grads(value, spatial, starts, loc, attn, grad, "triton")
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+    # far-away points contribute nothing and get no location gradient
+    assert torch.count_nonzero(got[2][0, 3:5, 0, :, 0]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_forward_matches_float32(dtype):
+    shapes = [(5, 6), (3, 3)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, head_dim=24)
+    ref = ms_deform_attn_reference(value, shapes, loc, attn)
+    for backend in ("triton", "reference"):
+        out = ms_deform_attn_op(value.to(dtype), spatial, starts, loc, attn.to(dtype), backend)
+        assert out.dtype == dtype
+        assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()), backend
+
+
+def test_bfloat16_backward_accumulates_in_float32():
+    """Many points landing on one pixel: bf16 atomics would lose most of the sum."""
+    shapes = [(2, 2)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=1, queries=64, heads=1, head_dim=8, points=4)
+    loc.fill_(0.25)  # every point on pixel (0, 0)
+    grad = torch.randn(1, 64, 8, device=DEVICE)
+    want = reference_with_autograd(value, shapes, loc, attn, grad)[1]
+    got = op_with_grads(value.bfloat16(), spatial, starts, loc, attn.bfloat16(), grad.bfloat16(), "triton")[1]
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_op_gradcheck_float64(backend):
+    shapes = [(3, 4), (2, 2)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=1, queries=3, heads=2, head_dim=3,
+                                                      dtype=torch.float64, spread=1.0)
+    inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: ms_deform_attn_op(v, spatial, starts, l, a, backend), inputs, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_op_registrations_pass_opcheck(backend):
+    shapes = [(3, 4), (2, 2)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=1, queries=3, heads=2, head_dim=4)
+    args = (value.requires_grad_(), spatial, starts, loc.requires_grad_(), attn.requires_grad_(), backend)
+    torch.library.opcheck(_ms_deform_attn_op, args)
+
+
+def test_compiles_fullgraph_with_no_graph_break():
+    shapes = [(4, 5), (2, 3)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes)
+
+    def fn(v, l, a):
+        return vitadapter.ms_deform_attn(v, spatial, starts, l, a).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    compiled(*inputs).backward()
+    ref = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    fn(*ref).backward()
+    for a, b in zip(inputs, ref):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_keeps_bfloat16_and_model_runs_on_triton_backend():
+    """Under autocast the op takes the dtypes it is given; the adapter runs on either backend."""
+    model = vitadapter.create_model("vit_adapter_t", embed_dim=24, depth=4, num_heads=3, deform_num_heads=3,
+                                    conv_inplane=8).eval().to(DEVICE)
+    image = torch.randn(1, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        ref = model(image)
+        for m in model.modules():
+            if isinstance(m, vitadapter.layers.MSDeformAttn):
+                m.backend = "triton"
+        out = model(image)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            low = model(image)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert low[0].dtype == torch.bfloat16
+
+
+def test_backend_errors_are_named(monkeypatch):
+    shapes = [(2, 2)]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, device="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        vitadapter.ms_deform_attn(value, spatial, starts, loc, attn, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        vitadapter.ms_deform_attn(value, spatial, starts, loc, attn, backend="triton")
+
+
+# ---- GPU: real ViT-Adapter shapes against a float64 reference (skipped without CUDA) ------------
+
+REAL_SHAPES = {
+    # B@512: injector (Q=1024 on 3 levels), extractor (Q=5376 on the 32x32 ViT grid)
+    "injector-b512": ([(64, 64), (32, 32), (16, 16)], 1024, 12, 32),
+    "extractor-b512": ([(32, 32)], 5376, 12, 32),
+    "extractor-s512-dim64": ([(32, 32)], 5376, 6, 64),
+}
+# Bounds, relative to the largest |reference| value: fp32 accumulation order only (fp32), or
+# bf16 rounding of inputs and output (~2^-8), summed over up to 48 samples.
+GPU_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(REAL_SHAPES))
+def test_gpu_real_shapes_against_float64(case, dtype):
+    shapes, queries, heads, head_dim = REAL_SHAPES[case]
+    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=2, queries=queries, heads=heads,
+                                                      head_dim=head_dim, points=4, dtype=torch.float64, spread=1.2)
+    grad = torch.randn(2, queries, heads * head_dim, device="cuda", dtype=torch.float64)
+    want = reference_with_autograd(value, shapes, loc, attn, grad)
+    got = op_with_grads(value.to(dtype), spatial, starts, loc.float(), attn.to(dtype), grad.to(dtype), "triton")
+    for name, g, w in zip(("out", "grad_value", "grad_locations", "grad_weights"), got, want):
+        err = (g.double() - w).abs().max().item() / w.abs().max().item()
+        assert err <= GPU_TOLERANCE[dtype], f"{name}: {err:.2e}"
