@@ -34,6 +34,15 @@ def test_list_prints_every_model_and_filters(capsys):
     assert capsys.readouterr().out.split() == ["vit_adapter_t"]
 
 
+def test_list_pretrained_prints_arch_tags(capsys):
+    assert main(["list", "--pretrained", "vit_adapter_s_det.*"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "vit_adapter_s_det.deit_cascade_mask_rcnn_coco",
+        "vit_adapter_s_det.deit_in1k",
+        "vit_adapter_s_det.deit_mask_rcnn_coco",
+    ]
+
+
 def test_list_without_match_fails(capsys):
     assert main(["list", "resnet*"]) == 1
     assert "resnet*" in capsys.readouterr().err

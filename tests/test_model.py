@@ -105,8 +105,8 @@ def test_unknown_model_name_or_tag_is_named():
         vitadapter.create_model("vit_adapter_xxl")
     with pytest.raises(ValueError, match="vit_adapter_t.nonsense"):
         vitadapter.create_model("vit_adapter_t.nonsense")
-    with pytest.raises(ValueError, match="no pretrained weights"):
-        vitadapter.create_model("vit_adapter_t", pretrained=True)
+    # a bare architecture name stands for its default tag (weights: tests/test_weights.py)
+    assert vitadapter.create_model("vit_adapter_t", **TINY).pretrained_cfg["tag"] == "deit_in1k"
 
 
 def test_checkpoint_that_does_not_fit_names_the_keys():

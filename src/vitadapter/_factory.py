@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+from timm.models import parse_model_name
 from torch import nn
 
-from . import models  # noqa: F401  (registers the architectures with timm)
+from . import hub, models  # noqa: F401  (models registers the architectures with timm)
 
 _MODULE = "vitadapter.models.vit_adapter"
 
@@ -22,18 +23,25 @@ def list_pretrained(pattern: str = "") -> list[str]:
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a vitadapter model by name (``arch`` or ``arch.tag``); kwargs go to the model/timm."""
+    """Build a vitadapter model by name; kwargs go to the model/timm.
+
+    ``name`` is ``arch`` (its default tag's weights when ``pretrained``), ``arch.tag``,
+    ``local-dir:FOLDER`` or ``hf-hub:org/name`` (folders written by ``save_pretrained``).
+    ``pretrained_cfg_overlay=dict(file=PATH)`` loads a local file instead of the tag's source.
+    """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    source, _ = parse_model_name(name)
+    if source is not None:
+        architecture = hub.read_config(name, kwargs.get("cache_dir")).get("architecture")
+        if architecture not in list_models():
+            known = ", ".join(list_models())
+            raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():
         raise ValueError(f"unknown model name {name!r}; available: {', '.join(list_models())}")
     if "." in name and name not in list_pretrained():
         tags = [n for n in list_pretrained() if n.startswith(arch + ".")]
-        raise ValueError(f"unknown weight tag in {name!r}; {arch} has: {', '.join(tags) or 'no tags yet'}")
-    if pretrained and name not in list_pretrained() and not kwargs.get("pretrained_cfg_overlay"):
-        raise ValueError(
-            f"no pretrained weights are registered for {name!r} yet; "
-            "use pretrained=False, or load upstream weights with vitadapter.load_upstream"
-        )
+        raise ValueError(f"unknown weight tag in {name!r}; {arch} has: {', '.join(tags)}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)

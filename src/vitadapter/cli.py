@@ -1,22 +1,30 @@
-"""The ``vitadapter`` command: list and describe models, and picture one image's feature pyramid."""
+"""The ``vitadapter`` command: list and describe models, picture one image's feature pyramid and
+convert upstream checkpoints into Hub folders."""
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import json
+import shutil
 import sys
+import uuid
+from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from huggingface_hub.utils import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from . import __version__, create_model, list_models
+from . import __version__, create_model, list_models, list_pretrained, load_upstream
+from .hub import read_weights, save_pretrained
+from .upstream import Conversion, load_checkpoint
 from .visualize import pyramid_picture
 
 
 def _list(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern)
+    names = (list_pretrained if args.pretrained else list_models)(args.pattern)
     if not names:
         print(f"vitadapter: no model matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -84,6 +92,70 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists():
+        raise ValueError(f"{dst} already exists: convert writes a new folder, pick another name or remove it")
+    model, pretrained_cfg = _model_to_convert(args)
+    with tqdm(total=3, desc="convert", unit="step", bar_format="{desc}: {n}/{total} steps{postfix}") as bar:
+        bar.set_postfix_str(f"reading {args.src}")
+        checkpoint = read_weights(args.src)
+        bar.update()
+        bar.set_postfix_str("converting keys")
+        conversion = load_checkpoint(model, checkpoint)
+        bar.update()
+        bar.set_postfix_str(f"writing {dst}")
+        _save_new_folder(model, dst, pretrained_cfg)
+        bar.update()
+    _print_summary(model, conversion, dst)
+    return 0
+
+
+def _model_to_convert(args: argparse.Namespace) -> tuple[torch.nn.Module, Optional[dict[str, Any]]]:
+    """The model the checkpoint is converted for, and pretrained_cfg entries for its config.json."""
+    if args.arch:
+        return create_model(args.arch, pretrained=False), None
+    path = Path(args.upstream_config)
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no upstream config file at {path}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), dict) or "codebase" not in spec:
+        shape = '{"codebase": ..., "backbone": {...}} (and optionally "pretrained_cfg": {...})'
+        raise ValueError(f"{path} must hold a JSON object {shape}")
+    unknown = sorted(set(spec) - {"codebase", "backbone", "pretrained_cfg"})
+    if unknown:
+        raise ValueError(f"{path} has unknown entries: {', '.join(unknown)}")
+    return load_upstream(spec["backbone"], spec["codebase"]), spec.get("pretrained_cfg")
+
+
+def _save_new_folder(model: torch.nn.Module, dst: Path, pretrained_cfg: Optional[dict[str, Any]]) -> None:
+    """Write into a temporary sibling folder and rename it: an error leaves no partial ``dst``."""
+    staging = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    staging.mkdir(parents=True)
+    try:
+        save_pretrained(model, staging, pretrained_cfg)
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _print_summary(model: torch.nn.Module, conversion: Conversion, dst: Path) -> None:
+    state, fresh = model.state_dict(), set(conversion.initialised)
+    kept = [k for k in state if k not in fresh]
+    params = sum(state[k].numel() for k in kept if state[k].is_floating_point())
+    print(f"kept {len(kept)} tensors ({params:,} values) from the checkpoint")
+    if conversion.initialised:
+        print(f"initialised fresh (not in the checkpoint): {len(conversion.initialised)} adapter tensors")
+    groups = Counter(key.split(".", 1)[0] for key in conversion.dropped)
+    dropped = ", ".join(f"{group} ({n})" for group, n in sorted(groups.items())) or "nothing"
+    print(f"dropped {len(conversion.dropped)} keys: {dropped}")
+    print(f"wrote {dst}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
     parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids on timm ViTs.")
@@ -92,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="print the registered model names")
     p.add_argument("pattern", nargs="?", default="", help="glob filter, e.g. '*_t'")
+    p.add_argument("--pretrained", action="store_true", help="list arch.tag names that come with weights")
     p.set_defaults(run=_list)
 
     p = sub.add_parser("describe", help="parameter counts and pyramid levels of a model")
@@ -105,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, metavar="N", help="resize so the short side is N px (default: keep the size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     p.set_defaults(run=_features)
+
+    p = sub.add_parser("convert", help="turn an upstream checkpoint into a folder of config.json + model.safetensors")
+    p.add_argument("src", help="upstream checkpoint (.pth, .pth.tar or release .zip)")
+    p.add_argument("dst", help="folder to create; load it with create_model('local-dir:DST', pretrained=True)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="registered architecture (or arch.tag) the checkpoint belongs to")
+    which.add_argument(
+        "--upstream-config",
+        metavar="FILE",
+        help='JSON {"codebase": "segmentation"|"detection", "backbone": {upstream model.backbone}}',
+    )
+    p.set_defaults(run=_convert)
     return parser
 
 

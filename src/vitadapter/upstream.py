@@ -1,17 +1,29 @@
 """Upstream ViT-Adapter configs and checkpoints -> vitadapter models.
 
 The only module that knows upstream's names: the mm-style ``model.backbone`` dicts of the
-segmentation and detection codebases and the checkpoint key layout (SPEC §4, §7).
+segmentation and detection codebases and the checkpoint key layout (SPEC §4, §7). It also reads
+``torch.save`` files and upstream's ``.zip`` release archives without running code from them, and
+turns every supported checkpoint layout (upstream's, vitadapter's own, a timm ImageNet ViT) into a
+ViTAdapter state dict.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
-from typing import Any, Mapping, Optional, Union
+import shutil
+import tempfile
+import types
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 
 from .models.vit_adapter import ViTAdapter
+from .trunks import trunk_state_from_timm
+
+Checkpoint = Union[str, os.PathLike, Mapping[str, Any]]
 
 CODEBASES = ("segmentation", "detection")
 
@@ -29,20 +41,21 @@ _IGNORED = ("pretrained", "num_classes", "with_cp")
 def load_upstream(
     backbone_cfg: Mapping[str, Any],
     codebase: str,
-    checkpoint: Optional[Union[str, os.PathLike, Mapping[str, Any]]] = None,
+    checkpoint: Optional[Checkpoint] = None,
 ) -> ViTAdapter:
     """Build the exact equivalent of an upstream config's ``model.backbone`` and load its weights.
 
     ``codebase`` is "segmentation" (pyramid levels get each interaction's ViT output) or "detection"
-    (all levels get the final ViT output). ``checkpoint`` is a path or an already loaded dict in
-    upstream's layout (``state_dict``/``model`` wrapper, ``backbone.`` and ``module.`` prefixes,
-    head keys are dropped). ``with_cp`` turns on activation checkpointing as upstream does.
+    (all levels get the final ViT output). ``checkpoint`` is a path (``.pth``, ``.pth.tar``, release
+    ``.zip``) or an already loaded dict in upstream's layout (``state_dict``/``model`` wrapper,
+    ``backbone.`` and ``module.`` prefixes, head keys are dropped). ``with_cp`` turns on activation
+    checkpointing as upstream does.
     """
     model = ViTAdapter(**upstream_kwargs(backbone_cfg, codebase))
     if backbone_cfg.get("with_cp"):
         model.set_grad_checkpointing(True)
     if checkpoint is not None:
-        load_upstream_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint)
     return model
 
 
@@ -86,46 +99,70 @@ def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str,
     return kwargs
 
 
-def load_upstream_checkpoint(model: ViTAdapter, checkpoint: Union[str, os.PathLike, Mapping[str, Any]]) -> None:
-    """Load an upstream-layout checkpoint (path or dict) into ``model``, strictly."""
+class Conversion(NamedTuple):
+    """A checkpoint turned into a model's state dict, and what happened to its keys."""
+
+    state: dict[str, torch.Tensor]  # every key of the model
+    dropped: list[str]  # checkpoint keys left out: task heads, classifier parts
+    initialised: list[str]  # model keys the checkpoint lacks, kept at their fresh (upstream) init
+
+
+def load_checkpoint(model: ViTAdapter, checkpoint: Checkpoint) -> Conversion:
+    """Load a checkpoint (path or dict, any supported layout) into ``model``, strictly."""
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint)
-    state = convert_state_dict(checkpoint, model)
-    check_state_dict(model, state)
-    model.load_state_dict(state)
+    conversion = convert_checkpoint(checkpoint, model)
+    check_state_dict(model, conversion.state)
+    model.load_state_dict(conversion.state)
+    return conversion
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
-    """Read a ``torch.save`` checkpoint without executing code from it (``weights_only=True``)."""
-    if not os.path.isfile(path):
+def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+    """Read a ``torch.save`` file (``.pth``, ``.pth.tar``) or an upstream ``.zip`` release around one.
+
+    Nothing in the file runs: ``weights_only=True`` first, and files whose ``meta`` pickles other
+    objects (mmcv configs, numpy scalars) are read with an unpickler that resolves only tensor-building
+    globals and turns every other global into an inert placeholder (README, "Security").
+    """
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"could not read checkpoint {path}: it is truncated, corrupt or not a torch file ({e})") from e
+    if _is_release_archive(path):
+        with tempfile.TemporaryDirectory() as folder:
+            return _read_torch_file(_extract_checkpoint(path, Path(folder)), shown=path)
+    return _read_torch_file(path, shown=path)
 
 
-def convert_state_dict(checkpoint: Mapping[str, Any], model: ViTAdapter) -> dict[str, torch.Tensor]:
-    """Upstream backbone keys -> this model's keys (SPEC §4, §7)."""
-    state = checkpoint
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conversion:
+    """Any supported checkpoint layout -> a full state dict for ``model``.
 
-    out = {}
+    Layouts: vitadapter's own (``vit.*`` keys, as in ``model.safetensors``), upstream's (mm-style,
+    ``backbone.`` prefix, heads; SPEC §4, §7) and a timm ImageNet ViT (the trunk only: the adapter
+    keeps its fresh upstream initialisation, SPEC §3).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"a checkpoint must hold a dict of tensors, this one holds a {type(checkpoint).__name__}")
+    state, dropped = _unwrap(checkpoint)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
-        if key == "pos_embed":
-            value = _drop_cls_slot(value, model)
-        if key.startswith(("pos_embed", "patch_embed.", "blocks.")):
-            key = "vit." + key.replace(".gamma1", ".ls1.gamma").replace(".gamma2", ".ls2.gamma")
-        out[key] = value
-    return out
+    if any(".relative_position_bias_table" in k or k.endswith((".q_bias", ".v_bias")) for k in state):
+        raise ValueError(
+            "this is a BEiT-family checkpoint (relative position bias tables, q/v biases): vitadapter "
+            "has no BEiT trunk yet, only ViT (ViTAdapter) checkpoints load"
+        )
+    if any(k.startswith("vit.") for k in state):
+        return Conversion(dict(state), dropped, [])
+    if any(k.startswith(("spm.", "level_embed", "interactions.")) for k in state):
+        return Conversion(_upstream_keys(state), dropped, [])
+    if "patch_embed.proj.weight" in state:
+        trunk, classifier = trunk_state_from_timm(state, model.vit)
+        full = {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")}
+        initialised = sorted(full)
+        full.update({"vit." + k: v for k, v in trunk.items()})
+        return Conversion(full, dropped + classifier, initialised)
+    shown = ", ".join(list(state)[:5]) or "none"
+    raise ValueError(f"not a ViT-Adapter, vitadapter or timm ViT checkpoint (no patch embedding or adapter: {shown})")
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -144,12 +181,57 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{title}: {shown}")
     if problems:
-        raise ValueError("checkpoint does not fit the model; " + "; ".join(problems))
+        raise ValueError(f"checkpoint does not fit the model{_size_hint(expected, state)}; " + "; ".join(problems))
 
 
-def _drop_cls_slot(pos_embed: torch.Tensor, model: ViTAdapter) -> torch.Tensor:
-    gh, gw = model.vit.patch_embed.grid_size
-    if pos_embed.dim() == 3 and pos_embed.shape[1] == gh * gw + 1:
+def _size_hint(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """Say which size differs, so the fix (another architecture) is obvious."""
+    width, pos = "vit.patch_embed.proj.weight", "vit.pos_embed"
+    if width in state and state[width].shape[0] != expected[width].shape[0]:
+        theirs, ours = state[width].shape[0], expected[width].shape[0]
+        return f" (a {theirs}-wide ViT, the model's is {ours} wide: use the matching architecture)"
+    if pos in state and state[pos].shape != expected[pos].shape:
+        theirs, ours = _grid(state[pos].shape[1]), _grid(expected[pos].shape[1])
+        return f" (a {theirs} position grid, the model's is {ours}: pretrain_size differs)"
+    return ""
+
+
+def _grid(cells: int) -> str:
+    side = math.isqrt(cells)
+    return f"{side}x{side}" if side * side == cells else f"{cells}-cell"
+
+
+def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The state dict inside a checkpoint: ``state_dict``/``model`` wrappers and ``module.`` prefixes
+    go; when keys carry ``backbone.``, the rest (task heads, necks) is dropped. Returns (state, dropped)."""
+    state = checkpoint
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("backbone.") for k in state):
+        return state, []
+    kept = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return kept, sorted(k for k in state if not k.startswith("backbone."))
+
+
+def _upstream_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream backbone keys -> this model's keys (SPEC §4)."""
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            value = _drop_cls_slot(value)
+        if key.startswith(("pos_embed", "patch_embed.", "blocks.")):
+            key = "vit." + key.replace(".gamma1", ".ls1.gamma").replace(".gamma2", ".ls2.gamma")
+        out[key] = value
+    return out
+
+
+def _drop_cls_slot(pos_embed: torch.Tensor) -> torch.Tensor:
+    """Upstream's grid is square and follows one cls slot (SPEC §4)."""
+    cells = pos_embed.shape[1] - 1 if pos_embed.dim() == 3 else -1
+    if cells > 0 and math.isqrt(cells) ** 2 == cells:
         return pos_embed[:, 1:]
     return pos_embed
 
@@ -167,3 +249,106 @@ def _as_int_size(size: Any) -> int:
             raise ValueError(f"non-square img_size {size} is not supported")
         size = size[0]
     return int(size)
+
+
+# ---- reading torch.save files without running code ------------------------------------------------
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
+# Globals a state dict needs (tensor and parameter rebuilding, containers); both spellings of the
+# builtins module because protocol-2 pickles, torch.save's default, write "__builtin__".
+_SAFE_GLOBALS = frozenset({
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+    "torch.Size",
+    "torch.device",
+    "_codecs.encode",
+    *(f"{module}.{name}" for module in ("builtins", "__builtin__") for name in ("set", "frozenset", "slice")),
+})
+
+
+class InertGlobal:
+    """Stands in for a pickled global outside the allow-list: keeps what the pickle hands it, runs nothing."""
+
+    qualified_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    # containers (e.g. mmcv's ConfigDict, a dict subclass) are filled item by item
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, item: Any) -> None:
+        self.__dict__.setdefault("elements", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.__dict__.setdefault("elements", []).extend(items)
+
+    def __repr__(self) -> str:
+        return f"<inert {self.qualified_name}>"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only ``_SAFE_GLOBALS`` and torch dtypes; every other global becomes an ``InertGlobal``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or f"{module}.{name}" in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        return type(name, (InertGlobal,), {"qualified_name": f"{module}.{name}"})
+
+
+# torch.load takes a pickle *module*; torch's own unpickler subclasses its ``Unpickler`` (adding tensor
+# storage handling) and legacy files also go through its ``load``.
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="vitadapter.restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
+)
+
+
+def _read_torch_file(path: Path, shown: Path) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only refuses globals outside torch's allow-list, such as upstream's mmcv/numpy
+            # ``meta``; the restricted unpickler reads them as inert placeholders instead.
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+    except Exception as e:  # a damaged file fails in any of pickle's, zip's or torch's error types
+        raise ValueError(f"could not read {shown}: it is truncated, corrupt or not a checkpoint ({e})") from e
+
+
+def _is_release_archive(path: Path) -> bool:
+    """A zip that is not itself a torch.save file (those are zips holding a ``data.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.endswith("data.pkl") for name in archive.namelist())
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"could not read {path}: the zip archive is corrupt ({e})") from e
+
+
+def _extract_checkpoint(archive_path: Path, folder: Path) -> Path:
+    """The one checkpoint file inside an upstream ``.zip`` release, extracted into ``folder``."""
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(_CHECKPOINT_SUFFIXES)]
+            if len(members) != 1:
+                names = ", ".join(m.filename for m in archive.infolist()[:5]) or "nothing"
+                kinds = "/".join(_CHECKPOINT_SUFFIXES)
+                raise ValueError(f"{archive_path} should hold exactly one checkpoint ({kinds}), it holds {names}")
+            # only the base name is used, so member paths cannot point outside ``folder``
+            target = folder / Path(members[0].filename).name
+            with archive.open(members[0]) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"could not unpack {archive_path}: the zip archive is truncated or corrupt ({e})") from e
+    return target

@@ -5,11 +5,11 @@ Model class first, then its default cfgs and the ``@register_model`` entrypoints
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.layers import trunc_normal_
 from torch import nn
@@ -33,7 +33,8 @@ class ViTAdapter(nn.Module):
     (segmentation codebase: level k gets interaction k's output) or "final" (detection codebase).
     ``window_size`` lists one attention window per ViT block, ``None`` meaning global attention.
     Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and the outputs are
-    cropped to ``ceil(h / stride) x ceil(w / stride)``.
+    cropped to ``ceil(h / stride) x ceil(w / stride)``. ``model_args`` holds the keyword arguments
+    that rebuild this exact configuration (what ``config.json`` stores).
     """
 
     def __init__(
@@ -65,6 +66,9 @@ class ViTAdapter(nn.Module):
         window_size: Optional[Sequence[Optional[int]]] = None,
         num_classes: int = 0,
     ):
+        # Every constructor argument, taken before any other local exists: config.json stores them
+        # so that any configuration (including ones load_upstream builds) can be rebuilt exactly.
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if num_classes:
             raise ValueError(f"ViTAdapter is a feature backbone without a classifier: num_classes must be 0, got {num_classes}")
@@ -79,6 +83,11 @@ class ViTAdapter(nn.Module):
             interaction_indexes = [[i * step, (i + 1) * step - 1] for i in range(4)]
         self.interaction_indexes = [(int(r[0]), int(r[-1])) for r in interaction_indexes]
         _check_interaction_indexes(self.interaction_indexes, depth)
+        self.model_args = dict(
+            args,
+            interaction_indexes=[list(r) for r in self.interaction_indexes],
+            window_size=None if window_size is None else list(window_size),
+        )
         self.in_chans = in_chans
         self.embed_dim = self.num_features = embed_dim
         self.add_vit_feature = add_vit_feature
@@ -304,13 +313,35 @@ def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> t
 
 
 def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    # Weights are loaded by vitadapter.hub rather than timm's loader: upstream files need a restricted
+    # unpickler, .zip unpacking and key conversion. Loading happens inside the constructor callable so
+    # that it precedes timm's features_only wrapping.
+    cache_dir = kwargs.pop("cache_dir", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
+
+    def build(**model_kwargs: Any) -> ViTAdapter:
+        model = ViTAdapter(**model_kwargs)
+        if pretrained:
+            from ..hub import load_pretrained  # hub imports this module, so it cannot be imported on top
+
+            load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir)
+        return model
+
     return build_model_with_cfg(
-        ViTAdapter,
+        build,
         variant,
-        pretrained,
+        False,
+        pretrained_cfg=cfg,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
+
+
+_UPSTREAM_REPO = "https://github.com/czczup/ViT-Adapter"
+_RELEASES = f"{_UPSTREAM_REPO}/releases/download"
+# AugReg trunks were trained on [-1, 1] inputs; timm and upstream's AugReg-B/L configs normalise so.
+_HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -330,45 +361,177 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+def _trunk(hf_hub_id: str, **kwargs: Any) -> dict[str, Any]:
+    """ImageNet ViT weights from a timm Hub repo, with a fresh adapter (what upstream trains from)."""
+    return _cfg(hf_hub_id=hf_hub_id, origin_url=f"https://huggingface.co/{hf_hub_id}", **kwargs)
+
+
+def _upstream(file: str, config: str, metric: str, **kwargs: Any) -> dict[str, Any]:
+    """The backbone of an upstream dense checkpoint (GitHub release), converted on load, heads dropped."""
+    return _cfg(
+        url=f"{_RELEASES}/{file}",
+        origin_url=_UPSTREAM_REPO,
+        notes=(f"upstream config {config}", f"upstream reports {metric}"),
+        **kwargs,
+    )
+
+
+# The first tag of each architecture is its default: the ImageNet trunk upstream's configs start
+# from (upstream's own `pretrained=`). Dense-task backbones are opt-in tags; links are copied from
+# upstream's segmentation/README.md and detection/README.md, configs from upstream's configs/.
 default_cfgs = generate_default_cfgs({
-    "vit_adapter_t": _cfg(),
-    "vit_adapter_s": _cfg(),
-    "vit_adapter_b": _cfg(),
-    "vit_adapter_l": _cfg(),
+    "vit_adapter_t.deit_in1k": _trunk("timm/deit_tiny_patch16_224.fb_in1k"),
+    "vit_adapter_t.augreg_in21k_ft_in1k": _trunk("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", **_HALF),
+    # Same release naming ("..._160_ade20k") as the DeiT-T file that is reported dead (upstream
+    # issues #146, #197); this one is unconfirmed. The config normalises with ImageNet mean/std.
+    "vit_adapter_t.augreg_upernet_ade20k": _upstream(
+        "v0.3.1/upernet_augreg_adapter_tiny_512_160_ade20k.pth.tar",
+        "segmentation/configs/ade20k/upernet_augreg_adapter_tiny_512_160k_ade20k.py",
+        "ADE20K val mIoU 43.9 (SS) / 44.8 (MS), UperNet 160k",
+    ),
+    "vit_adapter_s.deit_in1k": _trunk("timm/deit_small_patch16_224.fb_in1k"),
+    "vit_adapter_s.deit_upernet_ade20k": _upstream(
+        "v0.3.1/upernet_deit_adapter_small_512_160k_ade20k.pth",
+        "segmentation/configs/ade20k/upernet_deit_adapter_small_512_160k_ade20k.py",
+        "ADE20K val mIoU 46.2 (SS) / 47.1 (MS), UperNet 160k",
+    ),
+    "vit_adapter_b.deit_in1k": _trunk("timm/deit_base_patch16_224.fb_in1k"),
+    "vit_adapter_b.deit_upernet_ade20k": _upstream(
+        "v0.3.1/upernet_deit_adapter_base_512_160k_ade20k.pth.tar",
+        "segmentation/configs/ade20k/upernet_deit_adapter_base_512_160k_ade20k.py",
+        "ADE20K val mIoU 48.8 (SS) / 49.7 (MS), UperNet 160k",
+    ),
+    "vit_adapter_b_384.augreg_in21k_ft_in1k": _trunk("timm/vit_base_patch16_384.augreg_in21k_ft_in1k", **_HALF),
+    "vit_adapter_b_384.augreg_upernet_ade20k": _upstream(
+        "v0.3.1/upernet_augreg_adapter_base_512_160k_ade20k.pth.tar",
+        "segmentation/configs/ade20k/upernet_augreg_adapter_base_512_160k_ade20k.py",
+        "ADE20K val mIoU 51.9 (SS) / 52.5 (MS), UperNet 160k",
+        **_HALF,
+    ),
+    "vit_adapter_l.augreg_in21k_ft_in1k": _trunk("timm/vit_large_patch16_384.augreg_in21k_ft_in1k", **_HALF),
+    "vit_adapter_l.augreg_upernet_ade20k": _upstream(
+        "v0.3.1/upernet_augreg_adapter_large_512_160k_ade20k.pth.tar",
+        "segmentation/configs/ade20k/upernet_augreg_adapter_large_512_160k_ade20k.py",
+        "ADE20K val mIoU 53.4 (SS) / 54.4 (MS), UperNet 160k",
+        **_HALF,
+    ),
+    "vit_adapter_t_det.deit_in1k": _trunk("timm/deit_tiny_patch16_224.fb_in1k"),
+    "vit_adapter_t_det.deit_mask_rcnn_coco": _upstream(
+        "v0.1.2/mask_rcnn_deit_adapter_tiny_fpn_3x_coco.pth.tar",
+        "detection/configs/mask_rcnn/mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py",
+        "COCO val box AP 46.0 / mask AP 41.0, Mask R-CNN 3x+MS",
+    ),
+    "vit_adapter_s_det.deit_in1k": _trunk("timm/deit_small_patch16_224.fb_in1k"),
+    "vit_adapter_s_det.deit_mask_rcnn_coco": _upstream(
+        "v0.1.2/mask_rcnn_deit_adapter_small_fpn_3x_coco.pth.tar",
+        "detection/configs/mask_rcnn/mask_rcnn_deit_adapter_small_fpn_3x_coco.py",
+        "COCO val box AP 48.2 / mask AP 42.8, Mask R-CNN 3x+MS",
+    ),
+    "vit_adapter_s_det.deit_cascade_mask_rcnn_coco": _upstream(
+        "v0.1.3/cascade_mask_rcnn_deit_adapter_small_fpn_3x_coco.pth.tar",
+        "detection/configs/cascade_rcnn/cascade_mask_rcnn_deit_adapter_small_fpn_3x_coco.py",
+        "COCO val box AP 51.5 / mask AP 44.3, Cascade Mask R-CNN 3x+MS",
+    ),
+    "vit_adapter_b_det.deit_in1k": _trunk("timm/deit_base_patch16_224.fb_in1k"),
+    "vit_adapter_b_det.deit_mask_rcnn_coco": _upstream(
+        "v0.1.6/mask_rcnn_deit_adapter_base_fpn_3x_coco.pth.tar",
+        "detection/configs/mask_rcnn/mask_rcnn_deit_adapter_base_fpn_3x_coco.py",
+        "COCO val box AP 49.6 / mask AP 43.6, Mask R-CNN 3x+MS",
+    ),
+    "vit_adapter_b_det.deit_cascade_mask_rcnn_coco": _upstream(
+        "v0.3.1/cascade_mask_rcnn_deit_adapter_base_fpn_3x_coco.pth",
+        "detection/configs/cascade_rcnn/cascade_mask_rcnn_deit_adapter_base_fpn_3x_coco.py",
+        "COCO val box AP 52.1 / mask AP 44.8, Cascade Mask R-CNN 3x+MS",
+    ),
+    "vit_adapter_l_det.augreg_in21k_ft_in1k": _trunk("timm/vit_large_patch16_384.augreg_in21k_ft_in1k", **_HALF),
+    "vit_adapter_l_det.augreg_mask_rcnn_coco": _upstream(
+        "v0.3.1/mask_rcnn_augreg_adapter_large_fpn_3x_coco.pth",
+        "detection/configs/mask_rcnn/mask_rcnn_augreg_adapter_large_fpn_3x_coco.py",
+        "COCO val box AP 52.1 / mask AP 46.0, Mask R-CNN 3x+MS",
+        **_HALF,
+    ),
 })
+
+_T = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0)
+_S = dict(embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0)
+_B = dict(embed_dim=768, depth=12, num_heads=12, deform_num_heads=12, deform_ratio=0.5)
+_L = dict(embed_dim=1024, depth=24, num_heads=16, deform_num_heads=16, deform_ratio=0.5, pretrain_size=384)
+_SIZES = {"t": _T, "s": _S, "b": _B, "l": _L}
+
+
+def closest_architecture(model_args: Mapping[str, Any]) -> str:
+    """The registered architecture of the same forward flavour and the nearest width. A config.json
+    for a configuration built outside the registry names it; its model_args then rebuild it exactly."""
+    size = min(_SIZES, key=lambda s: abs(_SIZES[s]["embed_dim"] - model_args["embed_dim"]))
+    return f"vit_adapter_{size}" + ("_det" if model_args["vit_feature_source"] == "final" else "")
+
+
+def _detection(depth: int) -> dict[str, Any]:
+    """Upstream's detection flavour: final ViT feature on every level, 14x14 windows except the last
+    block of each interaction group (SPEC §1.6, §4)."""
+    group = depth // 4
+    windows = ([14] * (group - 1) + [None]) * 4
+    return dict(vit_feature_source="final", window_size=windows)
 
 
 @register_model
 def vit_adapter_t(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-T: DeiT-Tiny trunk (SPEC §6)."""
-    args = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.1)
+    """ViT-Adapter-T: DeiT-Tiny trunk, segmentation forward (SPEC §6)."""
+    args = dict(_T, drop_path_rate=0.1)
     return _create_vit_adapter("vit_adapter_t", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_adapter_s(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-S: DeiT-Small trunk (SPEC §6)."""
-    args = dict(embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0, drop_path_rate=0.2)
+    """ViT-Adapter-S: DeiT-Small trunk, segmentation forward (SPEC §6)."""
+    args = dict(_S, drop_path_rate=0.2)
     return _create_vit_adapter("vit_adapter_s", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_adapter_b(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-B: DeiT-Base trunk, 224-px position grid (SPEC §6)."""
-    args = dict(embed_dim=768, depth=12, num_heads=12, deform_num_heads=12, deform_ratio=0.5, drop_path_rate=0.3)
+    """ViT-Adapter-B: DeiT-Base trunk, 224-px position grid, segmentation forward (SPEC §6)."""
+    args = dict(_B, drop_path_rate=0.3)
     return _create_vit_adapter("vit_adapter_b", pretrained, **dict(args, **kwargs))
 
 
 @register_model
+def vit_adapter_b_384(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-B on an AugReg ViT-B/16: 384-px position grid, segmentation forward."""
+    args = dict(_B, drop_path_rate=0.3, pretrain_size=384)
+    return _create_vit_adapter("vit_adapter_b_384", pretrained, **dict(args, **kwargs))
+
+
+@register_model
 def vit_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-L: ViT-L/16 trunk (AugReg), 384-px position grid (SPEC §6)."""
-    args = dict(
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        deform_num_heads=16,
-        deform_ratio=0.5,
-        drop_path_rate=0.4,
-        pretrain_size=384,
-    )
+    """ViT-Adapter-L: ViT-L/16 trunk (AugReg), 384-px position grid, segmentation forward (SPEC §6)."""
+    args = dict(_L, drop_path_rate=0.4)
     return _create_vit_adapter("vit_adapter_l", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_t_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-T, detection forward with windowed attention (upstream's Mask R-CNN configs)."""
+    args = dict(_T, drop_path_rate=0.1, **_detection(12))
+    return _create_vit_adapter("vit_adapter_t_det", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_s_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-S, detection forward with windowed attention (upstream's Mask R-CNN configs)."""
+    args = dict(_S, drop_path_rate=0.2, **_detection(12))
+    return _create_vit_adapter("vit_adapter_s_det", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_b_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-B, detection forward with windowed attention (upstream's Mask R-CNN configs)."""
+    args = dict(_B, drop_path_rate=0.2, **_detection(12))
+    return _create_vit_adapter("vit_adapter_b_det", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vit_adapter_l_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-L, detection forward with windowed attention, 384-px position grid."""
+    args = dict(_L, drop_path_rate=0.4, **_detection(24))
+    return _create_vit_adapter("vit_adapter_l_det", pretrained, **dict(args, **kwargs))

@@ -6,7 +6,7 @@ does and how to run a range of its blocks, with upstream's windowed attention wh
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,36 @@ def create_vit(
         drop_path_rate=drop_path_rate,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
+
+
+# Parts of a timm ImageNet ViT that upstream's adapter never uses: prefix tokens, final norms, heads.
+_CLASSIFIER_PARTS = ("cls_token", "dist_token", "reg_token", "norm.", "fc_norm.", "head.", "head_dist.")
+
+
+def trunk_state_from_timm(
+    state: Mapping[str, torch.Tensor], vit: VisionTransformer
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A timm ImageNet ViT checkpoint -> this trunk's state dict, and the keys it dropped.
+
+    The prefix slots of ``pos_embed`` go and its grid keeps the pretrain size (SPEC §1.3). DeiT and
+    AugReg checkpoints have no layer scale: the gammas keep their 1.0 init, as in upstream. Keys that
+    are neither the ViT's nor known classifier parts are kept, so a mismatch is reported, not hidden.
+    """
+    expected = vit.state_dict()
+    grid = vit.patch_embed.grid_size[0] * vit.patch_embed.grid_size[1]
+    prefix = sum(state[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in state)
+    kept, dropped = {}, []
+    for key, value in state.items():
+        if key == "pos_embed" and value.dim() == 3 and value.shape[1] == prefix + grid:
+            value = value[:, prefix:]
+        if key not in expected and key.startswith(_CLASSIFIER_PARTS):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    for key, value in expected.items():
+        if key.endswith((".ls1.gamma", ".ls2.gamma")):
+            kept.setdefault(key, value)
+    return kept, dropped
 
 
 class VisionTransformerTrunk:
