@@ -24,7 +24,7 @@ def _corner(value_base, row_stride, start, cx, cy, width, height, d, q_mask, d_m
     inside = q_mask & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
     row = (start + cy * width + cx).to(tl.int64)
     ptrs = value_base + row[:, None] * row_stride + d[None, :]
-    return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(COMPUTE), inside
+    return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(COMPUTE)
 
 
 @triton.jit
@@ -39,6 +39,18 @@ def _pixel(loc_ptr, k, q_mask, size, COMPUTE: tl.constexpr):
     pix = tl.minimum(tl.maximum(pix, -2.0), size_f + 1.0)
     low = tl.floor(pix)
     return low.to(tl.int32), pix - low
+
+
+@triton.jit
+def _point(value_base, row_stride, start, loc_ptr, k, width, height, d, q_mask, d_mask, COMPUTE: tl.constexpr):
+    """Sampling point k: its top-left corner pixel, fractions, and the four corner value rows."""
+    x0, fx = _pixel(loc_ptr, 2 * k, q_mask, width, COMPUTE)
+    y0, fy = _pixel(loc_ptr, 2 * k + 1, q_mask, height, COMPUTE)
+    v00 = _corner(value_base, row_stride, start, x0, y0, width, height, d, q_mask, d_mask, COMPUTE)
+    v01 = _corner(value_base, row_stride, start, x0 + 1, y0, width, height, d, q_mask, d_mask, COMPUTE)
+    v10 = _corner(value_base, row_stride, start, x0, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
+    v11 = _corner(value_base, row_stride, start, x0 + 1, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
+    return x0, y0, fx, fy, v00, v01, v10, v11
 
 
 @triton.jit
@@ -66,12 +78,9 @@ def _msda_forward_kernel(
         for point in range(num_points):
             k = (bqh * num_levels + level) * num_points + point
             a = tl.load(attn_ptr + k, mask=q_mask, other=0.0).to(COMPUTE)
-            x0, fx = _pixel(loc_ptr, 2 * k, q_mask, width, COMPUTE)
-            y0, fy = _pixel(loc_ptr, 2 * k + 1, q_mask, height, COMPUTE)
-            v00, _ = _corner(value_base, row_stride, start, x0, y0, width, height, d, q_mask, d_mask, COMPUTE)
-            v01, _ = _corner(value_base, row_stride, start, x0 + 1, y0, width, height, d, q_mask, d_mask, COMPUTE)
-            v10, _ = _corner(value_base, row_stride, start, x0, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
-            v11, _ = _corner(value_base, row_stride, start, x0 + 1, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
+            x0, y0, fx, fy, v00, v01, v10, v11 = _point(
+                value_base, row_stride, start, loc_ptr, k, width, height, d, q_mask, d_mask, COMPUTE
+            )
             top = v00 + fx[:, None] * (v01 - v00)
             bottom = v10 + fx[:, None] * (v11 - v10)
             acc += a[:, None] * (top + fy[:, None] * (bottom - top))
@@ -80,7 +89,9 @@ def _msda_forward_kernel(
 
 
 @triton.jit
-def _scatter(grad_value_base, row_stride, start, cx, cy, width, inside, contribution, d, d_mask):
+def _scatter(grad_value_base, row_stride, start, cx, cy, width, height, q_mask, contribution, d, d_mask):
+    """Add a corner's contribution to its grad_value rows, where the pixel is on the map."""
+    inside = q_mask & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
     row = (start + cy * width + cx).to(tl.int64)
     ptrs = grad_value_base + row[:, None] * row_stride + d[None, :]
     tl.atomic_add(ptrs, contribution, mask=inside[:, None] & d_mask[None, :])
@@ -113,12 +124,9 @@ def _msda_backward_kernel(
         for point in range(num_points):
             k = (bqh * num_levels + level) * num_points + point
             a = tl.load(attn_ptr + k, mask=q_mask, other=0.0).to(COMPUTE)
-            x0, fx = _pixel(loc_ptr, 2 * k, q_mask, width, COMPUTE)
-            y0, fy = _pixel(loc_ptr, 2 * k + 1, q_mask, height, COMPUTE)
-            v00, in00 = _corner(value_base, row_stride, start, x0, y0, width, height, d, q_mask, d_mask, COMPUTE)
-            v01, in01 = _corner(value_base, row_stride, start, x0 + 1, y0, width, height, d, q_mask, d_mask, COMPUTE)
-            v10, in10 = _corner(value_base, row_stride, start, x0, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
-            v11, in11 = _corner(value_base, row_stride, start, x0 + 1, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
+            x0, y0, fx, fy, v00, v01, v10, v11 = _point(
+                value_base, row_stride, start, loc_ptr, k, width, height, d, q_mask, d_mask, COMPUTE
+            )
             gx = 1.0 - fx
             gy = 1.0 - fy
             top = v00 + fx[:, None] * (v01 - v00)
@@ -134,13 +142,13 @@ def _msda_backward_kernel(
             tl.store(grad_loc_ptr + 2 * k, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             tl.store(grad_loc_ptr + 2 * k + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
             weighted = grad * a[:, None]
-            _scatter(grad_value_base, row_stride, start, x0, y0, width, in00,
+            _scatter(grad_value_base, row_stride, start, x0, y0, width, height, q_mask,
                      weighted * (gx * gy)[:, None], d, d_mask)
-            _scatter(grad_value_base, row_stride, start, x0 + 1, y0, width, in01,
+            _scatter(grad_value_base, row_stride, start, x0 + 1, y0, width, height, q_mask,
                      weighted * (fx * gy)[:, None], d, d_mask)
-            _scatter(grad_value_base, row_stride, start, x0, y0 + 1, width, in10,
+            _scatter(grad_value_base, row_stride, start, x0, y0 + 1, width, height, q_mask,
                      weighted * (gx * fy)[:, None], d, d_mask)
-            _scatter(grad_value_base, row_stride, start, x0 + 1, y0 + 1, width, in11,
+            _scatter(grad_value_base, row_stride, start, x0 + 1, y0 + 1, width, height, q_mask,
                      weighted * (fx * fy)[:, None], d, d_mask)
 
 
