@@ -5,7 +5,9 @@ import torch
 
 import vitadapter
 from vitadapter.layers.msda_op import (
+    _ms_deform_attn_fused_op,
     _ms_deform_attn_op,
+    deform_attn_from_projections,
     ms_deform_attn_op,
     ms_deform_attn_reference,
 )
@@ -154,6 +156,49 @@ def test_autocast_keeps_bfloat16_and_model_runs_on_triton_backend():
     for a, b in zip(out, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     assert low[0].dtype == torch.bfloat16
+
+
+def make_projections(shapes, batch=2, queries=7, heads=2, head_dim=8, points=2, dtype=torch.float32, seed=0):
+    """Inputs of the fused path: reference points, pixel offsets reaching off the maps, logits."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, keys, heads, head_dim, generator=gen, dtype=torch.float64)
+    ref = torch.rand(queries, 2, generator=gen, dtype=torch.float64)
+    offsets = torch.randn(batch, queries, heads, len(shapes), points, 2, generator=gen, dtype=torch.float64) * 3
+    logits = torch.randn(batch, queries, heads, len(shapes) * points, generator=gen, dtype=torch.float64) * 2
+    return [t.to(device=DEVICE, dtype=dtype) for t in (value, ref, offsets, logits)]
+
+
+def fused_with_grads(value, shapes, ref, offsets, logits, grad, backend):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, offsets, logits)]
+    out = deform_attn_from_projections(inputs[0], shapes, ref, inputs[1], inputs[2], backend)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_kernel_equals_the_reference_path(case):
+    """Softmax and location math inside the Triton kernel = the same math as PyTorch ops around
+    the reference, values and gradients for value, offsets and logits."""
+    shapes, heads, head_dim, points, batch = CASES[case]
+    value, ref, offsets, logits = make_projections(shapes, batch=batch, heads=heads, head_dim=head_dim, points=points)
+    grad = torch.randn(batch, ref.shape[0], heads * head_dim, device=DEVICE)
+    want = fused_with_grads(value, shapes, ref, offsets, logits, grad, "reference")
+    got = fused_with_grads(value, shapes, ref, offsets, logits, grad, "triton")
+    for name, g, w in zip(("out", "grad_value", "grad_offsets", "grad_logits"), got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item()), name
+
+
+def test_fused_gradcheck_float64_and_opcheck():
+    shapes = [(3, 4), (2, 2)]
+    value, ref, offsets, logits = make_projections(shapes, batch=1, queries=3, heads=2, head_dim=3, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (value, offsets, logits))
+    assert torch.autograd.gradcheck(
+        lambda v, o, lg: deform_attn_from_projections(v, shapes, ref, o, lg, "triton"), inputs, atol=1e-6
+    )
+    spatial = torch.tensor(shapes, device=DEVICE)
+    starts = torch.cumsum(spatial.prod(1), 0) - spatial.prod(1)
+    torch.library.opcheck(_ms_deform_attn_fused_op, (value, spatial, starts, ref, offsets, logits))
 
 
 def test_backend_errors_are_named(monkeypatch):

@@ -6,13 +6,14 @@ import math
 import torch
 from torch import nn
 
-from .msda_op import Shapes, ms_deform_attn_op
+from .msda_op import Shapes, deform_attn_from_projections
 
 
 class MSDeformAttn(nn.Module):
     """Deformable attention of ``dim``-wide queries into a multi-level value sequence.
 
-    ``backend`` ("auto", "triton", "reference") picks the op's implementation, see msda_op.py.
+    ``backend`` ("auto", "triton", "reference") picks the op's implementation, see msda_op.py;
+    the Triton path fuses the softmax and the location math into the sampling kernel.
     """
 
     backend = "auto"
@@ -59,17 +60,6 @@ class MSDeformAttn(nn.Module):
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(features).view(batch, features.shape[1], heads, self.head_dim)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, queries, heads, levels * points).softmax(-1)
-        # offsets are in pixels of their level; locations in at least float32 (a bfloat16
-        # coordinate on a 128-px map is off by up to half a pixel)
-        coord_dtype = torch.promote_types(query.dtype, torch.float32)
-        inverse_sizes = torch.tensor([(1 / w, 1 / h) for h, w in spatial_shapes], dtype=coord_dtype, device=query.device)
-        locations = torch.addcmul(
-            reference_points.to(coord_dtype).view(1, queries, 1, 1, 1, 2), offsets, inverse_sizes.view(levels, 1, 2)
-        )
-        shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=query.device).view(levels, 2)
-        starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
-        out = ms_deform_attn_op(
-            value, shapes, starts, locations, weights.view(batch, queries, heads, levels, points), self.backend
-        )
+        logits = self.attention_weights(query).view(batch, queries, heads, levels * points)
+        out = deform_attn_from_projections(value, spatial_shapes, reference_points, offsets, logits, self.backend)
         return self.output_proj(out)

@@ -11,6 +11,10 @@ autograd included, so it works under ``torch.compile`` and ``torch.export``):
 - "reference": pure PyTorch on any device, one gather-and-weighted-sum (``embedding_bag``) over the
   four bilinear corners of every point, with an analytic backward of the same form.
 ``backend="auto"`` picks Triton for CUDA tensors when Triton imports, the reference otherwise.
+
+The adapter's modules enter through ``deform_attn_from_projections``: it takes the raw
+projections (pixel offsets, logits), which the Triton path turns into locations and softmax
+weights inside the kernel (``vitadapter::ms_deform_attn_fused``) instead of in separate passes.
 """
 from __future__ import annotations
 
@@ -228,6 +232,58 @@ def _backward(ctx, grad_output):
 _ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("vitadapter::ms_deform_attn_fused", mutates_args=())
+def _ms_deform_attn_fused_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+) -> torch.Tensor:
+    return _kernels().msda_fused_forward(value, spatial_shapes, level_start_index, reference_points, offsets, logits)
+
+
+@_ms_deform_attn_fused_op.register_fake
+def _(value, spatial_shapes, level_start_index, reference_points, offsets, logits):
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty(batch, offsets.shape[1], heads * head_dim)
+
+
+@torch.library.custom_op("vitadapter::ms_deform_attn_fused_backward", mutates_args=())
+def _ms_deform_attn_fused_backward_op(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().msda_fused_backward(
+        grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, logits
+    )
+
+
+@_ms_deform_attn_fused_backward_op.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, logits):
+    return torch.empty_like(value), torch.empty_like(offsets), torch.empty_like(logits)
+
+
+def _setup_fused_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fused_backward(ctx, grad_output):
+    grad_value, grad_offsets, grad_logits = _ms_deform_attn_fused_backward_op(
+        grad_output.contiguous(), *ctx.saved_tensors
+    )
+    return grad_value, None, None, None, grad_offsets, grad_logits
+
+
+_ms_deform_attn_fused_op.register_autograd(_fused_backward, setup_context=_setup_fused_context)
+
+
 # ---- public entry points -----------------------------------------------------------------------
 
 
@@ -271,6 +327,37 @@ def ms_deform_attn_op(
         attention_weights.contiguous(),
         resolve_backend(backend, value.device),
     )
+
+
+def deform_attn_from_projections(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deformable attention from a module's raw projections.
+
+    value (B, S, heads, head_dim); reference_points (Q, 2) as (x, y) in [0, 1] (no gradient);
+    offsets (B, Q, heads, levels, points, 2) in pixels of their level; logits (B, Q, heads,
+    levels * points), softmax-normalised per head -> (B, Q, heads * head_dim).
+    """
+    shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=value.device).view(-1, 2)
+    starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
+    if resolve_backend(backend, value.device) == "triton":
+        return _ms_deform_attn_fused_op(
+            value.contiguous(), shapes, starts, reference_points.contiguous(), offsets.contiguous(), logits.contiguous()
+        )
+    batch, queries, heads, levels, points, _ = offsets.shape
+    # locations in at least float32: a bfloat16 coordinate on a 128-px map is off by up to half a pixel
+    coord_dtype = torch.promote_types(offsets.dtype, torch.float32)
+    inverse_sizes = torch.tensor([(1 / w, 1 / h) for h, w in spatial_shapes], dtype=coord_dtype, device=value.device)
+    locations = torch.addcmul(
+        reference_points.to(coord_dtype).view(1, queries, 1, 1, 1, 2), offsets, inverse_sizes.view(levels, 1, 2)
+    )
+    weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+    return ms_deform_attn_op(value, shapes, starts, locations, weights, "reference")
 
 
 def ms_deform_attn(
