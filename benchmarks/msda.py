@@ -1,7 +1,10 @@
 """GPU benchmark of deformable attention: reference (pure PyTorch) vs Triton kernels.
 
 Part 1, the op at ViT-Adapter's real shapes, forward and forward+backward, fp32 and bf16:
-median time over CUDA-event-timed runs after a warm-up, and peak memory above the inputs.
+median time over CUDA-event-timed runs after a warm-up, and peak memory above the inputs. Three
+ways: the reference, the Triton op on locations and weights (upstream's contract), and the fused
+Triton path the modules use (raw offsets and logits in; softmax and location math in the kernel);
+the reference column of the fused path includes its PyTorch softmax and location ops.
 Part 2, the whole ``vit_adapter_b`` forward+backward at 512x512, batch 2, bf16 autocast.
 
     python benchmarks/msda.py [--batch 2] [--runs 50]
@@ -18,7 +21,7 @@ import torch
 
 import vitadapter
 from vitadapter.layers import MSDeformAttn
-from vitadapter.layers.msda_op import ms_deform_attn_op
+from vitadapter.layers.msda_op import deform_attn_from_projections, ms_deform_attn_op
 
 # name: (pyramid grids at strides 8, 16, 32, deform heads, head dim)
 MODELS = {
@@ -69,28 +72,46 @@ def measure(fn, runs: int) -> tuple[float, float]:
 
 def op_table(batch: int, runs: int) -> None:
     print(f"\n## the op, batch {batch}, 4 points\n")
-    print("| case | dtype | pass | reference ms | Triton ms | speed-up | reference MiB | Triton MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | dtype | pass | reference ms | Triton ms | fused: reference ms | fused: Triton ms "
+          "| reference MiB | Triton MiB | fused Triton MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, levels, queries, heads, head_dim in op_cases():
         for dtype in (torch.float32, torch.bfloat16):
             value, shapes, starts, loc, attn = inputs(levels, queries, heads, head_dim, batch, dtype)
+            ref_points = torch.rand(queries, 2, device="cuda")
+            offsets = (torch.randn(*loc.shape, device="cuda") * 2).to(dtype)
+            logits = torch.randn(batch, queries, heads, len(levels) * 4, device="cuda", dtype=dtype)
             grad = torch.randn(batch, queries, heads * head_dim, device="cuda", dtype=dtype)
-            results = {}
+            ops = {
+                backend: (lambda v, o, w, b=backend: ms_deform_attn_op(v, shapes, starts, o, w, b), loc, attn)
+                for backend in ("reference", "triton")
+            }
             for backend in ("reference", "triton"):
-                def forward():
-                    with torch.no_grad():
-                        ms_deform_attn_op(value, shapes, starts, loc, attn, backend)
-
-                def forward_backward():
-                    args = [t.detach().requires_grad_() for t in (value, loc, attn)]
-                    out = ms_deform_attn_op(args[0], shapes, starts, args[1], args[2], backend)
-                    out.backward(grad)
-
-                results[backend] = (measure(forward, runs), measure(forward_backward, runs))
+                ops[f"fused {backend}"] = (
+                    lambda v, o, w, b=backend: deform_attn_from_projections(v, levels, ref_points, o, w, b),
+                    offsets,
+                    logits,
+                )
+            results = {key: measure_both(fn, value, where, weights, grad, runs) for key, (fn, where, weights) in ops.items()}
             for i, label in enumerate(("fwd", "fwd+bwd")):
-                (ref_ms, ref_mb), (tri_ms, tri_mb) = results["reference"][i], results["triton"][i]
-                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {label} | {ref_ms:.3f} | {tri_ms:.3f} | "
-                      f"{ref_ms / tri_ms:.1f}x | {ref_mb:.0f} | {tri_mb:.0f} |", flush=True)
+                ms = {key: r[i][0] for key, r in results.items()}
+                mib = {key: r[i][1] for key, r in results.items()}
+                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {label} | {ms['reference']:.3f} | "
+                      f"{ms['triton']:.3f} | {ms['fused reference']:.3f} | {ms['fused triton']:.3f} | "
+                      f"{mib['reference']:.0f} | {mib['triton']:.0f} | {mib['fused triton']:.0f} |", flush=True)
+
+
+def measure_both(fn, value, where, weights, grad, runs: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(forward, forward+backward) of ``fn(value, where, weights)``, each as (median ms, peak MiB)."""
+    def forward():
+        with torch.no_grad():
+            fn(value, where, weights)
+
+    def forward_backward():
+        args = [t.detach().requires_grad_() for t in (value, where, weights)]
+        fn(*args).backward(grad)
+
+    return measure(forward, runs), measure(forward_backward, runs)
 
 
 def model_table(runs: int) -> None:
