@@ -129,11 +129,23 @@ def ms_deform_attn_reference_backward(
     batch, keys, heads, head_dim = value.shape
     corners = _Corners(value, spatial_shapes, sampling_locations)
     coord = corners.coord_dtype
-    grad = grad_output.to(coord).view(batch, -1, heads, 1, 1, 1, head_dim)
-    corner_values = corners.table.to(coord)[corners.rows]  # (B, Q, heads, L, P, 4, D)
-    dots = (corner_values * grad).sum(-1)  # grad . value at each corner
     attn = attention_weights.to(coord)
     bilinear = corners.weights(torch.ones_like(attn))
+    # one row per (batch, query, head), one column per corner of each of its points
+    rows = corners.rows.view(-1, corners.rows[0, 0, 0].numel())
+    scaled = (bilinear * attn.unsqueeze(-1)).view(rows.shape)
+    grad = grad_output.to(coord).reshape(rows.shape[0], head_dim)
+    table = corners.table.to(coord)
+    dots = torch.empty(rows.shape, dtype=coord, device=value.device)  # grad . value at each corner
+    grad_table = torch.zeros(table.shape, dtype=coord, device=value.device)
+    # gathered corner values are (rows, corners, head_dim): bound them to ~16 MB at a time
+    step = max(1, (1 << 22) // (rows.shape[1] * head_dim))
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        dots[part] = torch.bmm(table[rows[part]], grad[part].unsqueeze(-1)).squeeze(-1)
+        contributions = scaled[part].unsqueeze(-1) * grad[part].unsqueeze(1)
+        grad_table.index_add_(0, rows[part].flatten(), contributions.view(-1, head_dim))
+    dots = dots.view(bilinear.shape)
     grad_attn = (bilinear * dots).sum(-1)
     fx, fy = corners.frac[..., 0], corners.frac[..., 1]
     d00, d01, d10, d11 = dots.unbind(-1)
@@ -141,9 +153,6 @@ def ms_deform_attn_reference_backward(
     d_y = (1 - fx) * (d10 - d00) + fx * (d11 - d01)
     grad_loc = torch.stack([d_x, d_y], -1) * attn.unsqueeze(-1) * corners.sizes().view(-1, 1, 2) * corners.inside_clamp()
 
-    contributions = (bilinear * attn.unsqueeze(-1)).unsqueeze(-1) * grad  # (B, Q, heads, L, P, 4, D)
-    grad_table = torch.zeros(corners.table.shape, dtype=coord, device=value.device)
-    grad_table.index_add_(0, corners.rows.flatten(), contributions.reshape(-1, head_dim))
     grad_table = grad_table.view(batch, corners.table_len, heads, head_dim)
     grad_value = torch.cat([
         grad_table[:, start:start + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, heads, head_dim)[:, 1:h + 1, 1:w + 1]
