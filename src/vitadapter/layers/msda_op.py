@@ -132,7 +132,7 @@ def ms_deform_attn_reference_backward(
     attn = attention_weights.to(coord)
     bilinear = corners.weights(torch.ones_like(attn))
     # one row per (batch, query, head), one column per corner of each of its points
-    rows = corners.rows.view(-1, corners.rows[0, 0, 0].numel())
+    rows = corners.rows.flatten(3).flatten(0, 2)
     scaled = (bilinear * attn.unsqueeze(-1)).view(rows.shape)
     grad = grad_output.to(coord).reshape(rows.shape[0], head_dim)
     table = corners.table.to(coord)
