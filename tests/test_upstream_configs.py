@@ -69,6 +69,39 @@ def test_other_upstream_configs_match_the_reference(name, codebase):
         assert max_rel_err(a, r) <= 1e-9
 
 
+PASTED = {
+    # upstream's AugReg-L UperNet ADE20K backbone, as written in its config file
+    "segmentation": ("vit_adapter_l", dict(
+        _delete_=True, type="ViTAdapter", img_size=384, pretrain_size=384, patch_size=16, embed_dim=1024,
+        depth=24, num_heads=16, mlp_ratio=4, drop_path_rate=0.4, conv_inplane=64, n_points=4,
+        deform_num_heads=16, cffn_ratio=0.25, deform_ratio=0.5, with_cp=True,
+        interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]], window_attn=[False] * 24, window_size=[None] * 24,
+    )),
+    # upstream's DeiT-T Mask R-CNN COCO backbone
+    "detection": ("vit_adapter_t_det", dict(
+        _delete_=True, type="ViTAdapter", patch_size=16, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
+        drop_path_rate=0.1, conv_inplane=64, n_points=4, deform_num_heads=6, cffn_ratio=0.25, deform_ratio=1.0,
+        interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]],
+        window_attn=[True, True, False] * 4, window_size=[14, 14, None] * 4,
+        pretrained="pretrained/deit_tiny_patch16_224-a1311bcf.pth",
+    )),
+}
+
+
+@pytest.mark.parametrize("codebase", sorted(PASTED))
+def test_a_config_pasted_from_an_upstream_file_builds_the_registered_flavour(codebase):
+    arch, cfg = PASTED[codebase]
+    with torch.device("meta"):
+        model = vitadapter.load_upstream(cfg, codebase)
+        registered = vitadapter.create_model(arch)
+    assert model.grad_checkpointing == bool(cfg.get("with_cp"))
+    assert model.trunk.window_sizes == registered.trunk.window_sizes
+    assert model.vit_feature_source == registered.vit_feature_source
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in registered.state_dict().items()
+    }
+
+
 def test_round_trip_through_upstream_layout():
     cfg = dict(BASE, **CONFIGS["windows"])
     model = randomise(vitadapter.load_upstream(cfg, "detection")).eval()

@@ -34,8 +34,9 @@ _SAME_NAME = (
     "deform_num_heads", "deform_ratio", "init_values", "interaction_indexes", "with_cffn", "cffn_ratio",
     "add_vit_feature", "use_extra_extractor",
 )
-# accepted and without effect on the computed function (weights come from ``checkpoint``)
-_IGNORED = ("pretrained", "num_classes", "with_cp")
+# accepted and without effect on the computed function (weights come from ``checkpoint``;
+# ``_delete_`` is an mm-config merge directive, present when a config file's dict is pasted as is)
+_IGNORED = ("pretrained", "num_classes", "with_cp", "_delete_")
 
 
 def load_upstream(
