@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vitadapter import list_models
+from safetensors.torch import save_file
+
+from vitadapter import create_model, list_models
 from vitadapter.cli import main
 from vitadapter.visualize import pca_rgb, pyramid_picture
 
@@ -89,6 +91,21 @@ def test_features_size_resizes_short_side(odd_image, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "90x64" in out
     assert (1, 4, 192, 16, 23) in [tuple(map(int, row)) for row in SHAPE_ROW.findall(out)]
+
+
+def test_features_with_a_weights_file_loads_and_names_it(odd_image, tmp_path, capsys):
+    """Weights saved from a seed-7 model give exactly the picture of a seed-7 random model."""
+    torch.manual_seed(7)
+    weights = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("vit_adapter_t").state_dict().items()}, weights)
+    loaded, seeded = tmp_path / "loaded.png", tmp_path / "seeded.png"
+    assert main(["features", str(odd_image), "--weights", str(weights), "--seed", "0", "--out", str(loaded)]) == 0
+    assert f"weights: {weights}\n" in capsys.readouterr().out
+    assert main(["features", str(odd_image), "--seed", "7", "--out", str(seeded)]) == 0
+    with Image.open(loaded) as a, Image.open(seeded) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert main(["features", str(odd_image), "--weights", str(tmp_path / "none.safetensors")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
 
 
 def test_features_missing_image(tmp_path, capsys):

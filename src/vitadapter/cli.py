@@ -67,7 +67,9 @@ def _load_image(path: Optional[str], size: Optional[int]) -> tuple[str, Image.Im
 def _features(args: argparse.Namespace) -> int:
     name, image = _load_image(args.image, args.size)
     torch.manual_seed(args.seed)
-    model = create_model(args.model, pretrained=False).eval()
+    pretrained = args.pretrained or args.weights is not None
+    overlay = dict(file=args.weights) if args.weights else None
+    model = create_model(args.model, pretrained=pretrained, pretrained_cfg_overlay=overlay).eval()
     cfg = model.pretrained_cfg
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
@@ -79,10 +81,7 @@ def _features(args: argparse.Namespace) -> int:
     pyramid_picture(image, [level[0] for level in levels], strides).save(args.out)
 
     print(f"model: {args.model}")
-    print(
-        f"weights: random initialisation (seed {args.seed}) - no pretrained weights are loaded; "
-        "the picture shows the structure of the pyramid, not learned features"
-    )
+    print(f"weights: {_weights_source(cfg) if pretrained else _RANDOM.format(seed=args.seed)}")
     print(f"input: {name}, {image.width}x{image.height} (W x H)")
     print("level  stride     C     H     W")
     for i, (stride, level) in enumerate(zip(strides, levels)):
@@ -90,6 +89,21 @@ def _features(args: argparse.Namespace) -> int:
         print(f"{i + 1:>5}  {stride:>6}  {c:>4}  {h:>4}  {w:>4}")
     print(f"wrote {args.out}")
     return 0
+
+
+_RANDOM = (
+    "random initialisation (seed {seed}) - no pretrained weights are loaded; "
+    "the picture shows the structure of the pyramid, not learned features"
+)
+
+
+def _weights_source(cfg: dict) -> str:
+    """Where the loaded weights came from, as the pretrained cfg records it."""
+    if cfg.get("file"):  # a local file overrides whatever the tag points at
+        return str(cfg["file"])
+    tag = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag"))))
+    source = cfg.get("hf_hub_id") or cfg.get("url") or "the model's folder"
+    return f"{tag or 'pretrained'} from {source}"
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -177,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vitadapter_features.png", help="PNG to write (default: %(default)s)")
     p.add_argument("--size", type=_positive_int, metavar="N", help="resize so the short side is N px (default: keep the size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="load the model's weights (its default tag, or NAME.TAG / local-dir: / hf-hub:); may download")
+    p.add_argument("--weights", metavar="FILE", help="load weights from a local file (.safetensors, upstream .pth/.zip)")
     p.set_defaults(run=_features)
 
     p = sub.add_parser("convert", help="turn an upstream checkpoint into a folder of config.json + model.safetensors")
