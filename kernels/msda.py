@@ -86,24 +86,35 @@ def _weight(attn_ptr, k, q_mask, weights, cols, j, FUSED: tl.constexpr, COMPUTE:
 
 
 @triton.jit
+def _program_tile(num_queries, num_keys, num_heads, head_dim, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head) pair and query block: indices, masks, and where its rows live.
+
+    Returns query indices, channel indices, their masks, the value row stride, the offset of this
+    (batch, head) in value-shaped tensors, and the index of each (b, q, h) in (B, Q, heads, ...) tensors.
+    """
+    batch_head = tl.program_id(1)
+    b = batch_head // num_heads
+    h = batch_head % num_heads
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    row_stride = num_heads * head_dim
+    value_offset = b.to(tl.int64) * num_keys * row_stride + h * head_dim
+    bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
+    return q, d, q < num_queries, d < head_dim, row_stride, value_offset, bqh
+
+
+@triton.jit
 def _msda_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, ref_ptr, attn_ptr, out_ptr,
     num_queries, num_keys, num_heads, head_dim, num_levels, num_points,
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, LP_BLOCK: tl.constexpr,
     FUSED: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    batch_head = tl.program_id(1)
-    b = batch_head // num_heads
-    h = batch_head % num_heads
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
+    q, d, q_mask, d_mask, row_stride, value_offset, bqh = _program_tile(
+        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D
+    )
     cols = tl.arange(0, LP_BLOCK)
-    q_mask = q < num_queries
-    d_mask = d < head_dim
-    row_stride = num_heads * head_dim
-    value_base = value_ptr + b.to(tl.int64) * num_keys * row_stride + h * head_dim
-    # index of (b, q, h) in the (B, Q, heads, ...) tensors
-    bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
+    value_base = value_ptr + value_offset
     weights = tl.zeros((BLOCK_Q, LP_BLOCK), dtype=COMPUTE)
     if FUSED:
         weights = _softmax_tile(attn_ptr, bqh, q_mask, cols, num_levels * num_points, COMPUTE)
@@ -144,18 +155,12 @@ def _msda_backward_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, LP_BLOCK: tl.constexpr,
     FUSED: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    batch_head = tl.program_id(1)
-    b = batch_head // num_heads
-    h = batch_head % num_heads
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
+    q, d, q_mask, d_mask, row_stride, value_offset, bqh = _program_tile(
+        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D
+    )
     cols = tl.arange(0, LP_BLOCK)
-    q_mask = q < num_queries
-    d_mask = d < head_dim
-    row_stride = num_heads * head_dim
-    value_base = value_ptr + b.to(tl.int64) * num_keys * row_stride + h * head_dim
-    grad_value_base = grad_value_ptr + b.to(tl.int64) * num_keys * row_stride + h * head_dim
-    bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
+    value_base = value_ptr + value_offset
+    grad_value_base = grad_value_ptr + value_offset
     num_terms = num_levels * num_points
     grad = tl.load(grad_out_ptr + bqh[:, None] * head_dim + d[None, :],
                    mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(COMPUTE)
