@@ -97,7 +97,8 @@ class Extractor(nn.Module):
 
 
 class InteractionBlock(nn.Module):
-    """The adapter half of one interaction: an injector before the ViT blocks, extractor(s) after."""
+    """The adapter half of one interaction: an injector before the ViT blocks (``None`` in the
+    extractor-only design, where the ViT never sees the adapter), extractor(s) after."""
 
     def __init__(
         self,
@@ -110,9 +111,10 @@ class InteractionBlock(nn.Module):
         cffn_ratio: float,
         drop_path: float,
         extra_extractors: bool,
+        with_injector: bool = True,
     ):
         super().__init__()
-        self.injector = Injector(dim, num_heads, num_points, deform_ratio, init_values)
+        self.injector = Injector(dim, num_heads, num_points, deform_ratio, init_values) if with_injector else None
 
         def extractor() -> Extractor:
             return Extractor(dim, num_heads, num_points, deform_ratio, with_cffn, cffn_ratio, drop_path)

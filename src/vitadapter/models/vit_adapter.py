@@ -5,6 +5,7 @@ Model class first, then its default cfgs and the ``@register_model`` entrypoints
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import InteractionBlock, MSDeformAttn, SpatialPriorModule
-from ..trunks import VisionTransformerTrunk, create_vit
+from ..trunks import create_trunk, create_vit, driver_for
 
 STRIDES = (4, 8, 16, 32)
 # Upstream's spatial prior module and pyramid need every stride up to 32 to divide the image.
@@ -24,94 +25,121 @@ SIZE_DIVISOR = 32
 MIN_SIZE = 32
 
 VitFeatureSource = Literal["interactions", "final"]
+TrunkSpec = Union[str, nn.Module, None]
+
+# The ViT upstream's configs build when no timm trunk is given (DeiT-B shape, 224-px position grid).
+UPSTREAM_VIT_DEFAULTS = dict(
+    in_chans=3, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
+    layer_scale=True, pretrain_size=224,
+)
 
 
 class ViTAdapter(nn.Module):
-    """A timm ViT (``self.vit``) with upstream ViT-Adapter's spatial prior, injectors and extractors.
+    """A timm ViT (``self.vit``) with ViT-Adapter's spatial prior, injectors and extractors.
 
-    ``vit_feature_source`` picks how ViT features join the pyramid (SPEC §1.6): "interactions"
-    (segmentation codebase: level k gets interaction k's output) or "final" (detection codebase).
-    ``window_size`` lists one attention window per ViT block, ``None`` meaning global attention.
-    Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and the outputs are
-    cropped to ``ceil(h / stride) x ceil(w / stride)``. ``model_args`` holds the keyword arguments
-    that rebuild this exact configuration (what ``config.json`` stores).
+    The trunk is any timm ViT of a supported family (``VisionTransformer``: DeiT, AugReg, DeiT3,
+    DINOv2 with patch 14 and registers; ``Beit``: BEiT, BEiTv2; ``Eva``: EVA-02, DINOv3): a timm
+    name (``trunk="vit_base_patch14_dinov2.lvd142m"``, built with ``trunk_kwargs``, its timm weights
+    loaded when ``pretrained_trunk``) or a module the user built (wrapped, not copied). Without
+    ``trunk``, upstream's own ViT is built from ``embed_dim``, ``depth``, ... (see
+    ``UPSTREAM_VIT_DEFAULTS``).
+
+    The three published designs are options of this one model:
+
+    - upstream ViT-Adapter: an injector before and extractors after each interaction's ViT blocks;
+      ``vit_feature_source`` picks how ViT features join the pyramid: "interactions" (segmentation
+      codebase: level k gets interaction k's output) or "final" (detection codebase);
+    - DINOv2's adapter: the same on a patch-14 trunk with a cls token, which rides along inside the
+      ViT blocks only; the ViT grid (h//14) and the pyramid's grids differ, normalised sampling
+      coordinates bridge them;
+    - DINOv3's ``extractor_only=True``: no injectors, the trunk runs once and its outputs at the
+      interaction indexes go through its final norm before the extractors.
+
+    ``interaction_indexes`` holds inclusive block ranges (``[[0, 2], [3, 5], ...]``) or the last
+    block of each interaction (``[2, 5, 8, 11]``); by default four even groups of the depth.
+    ``window_size`` lists one attention window per block (``None``: global). ``freeze_trunk``
+    stops the trunk's gradients and keeps it in eval mode; in extractor-only mode it also runs
+    under ``no_grad``. Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and
+    the outputs are cropped to ``ceil(h / stride) x ceil(w / stride)``. ``model_args`` holds the
+    keyword arguments that rebuild this configuration (what ``config.json`` stores).
     """
 
     def __init__(
         self,
         *,
-        in_chans: int = 3,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        layer_scale: bool = True,
+        trunk: TrunkSpec = None,
+        trunk_kwargs: Optional[Mapping[str, Any]] = None,
+        pretrained_trunk: bool = False,
+        in_chans: Optional[int] = None,
+        patch_size: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        mlp_ratio: Optional[float] = None,
+        qkv_bias: Optional[bool] = None,
+        layer_scale: Optional[bool] = None,
+        pretrain_size: Optional[int] = None,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        pretrain_size: int = 224,
         conv_inplane: int = 64,
         n_points: int = 4,
         deform_num_heads: int = 6,
         deform_ratio: float = 1.0,
         init_values: float = 0.0,
-        interaction_indexes: Optional[Sequence[Sequence[int]]] = None,
+        interaction_indexes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
         with_cffn: bool = True,
         cffn_ratio: float = 0.25,
         add_vit_feature: bool = True,
         use_extra_extractor: bool = True,
         vit_feature_source: VitFeatureSource = "interactions",
         window_size: Optional[Sequence[Optional[int]]] = None,
+        extractor_only: bool = False,
+        freeze_trunk: bool = False,
         num_classes: int = 0,
     ):
         # Every constructor argument, taken before any other local exists: config.json stores them
-        # so that any configuration (including ones load_upstream builds) can be rebuilt exactly.
+        # so that any configuration (including ones load_upstream builds) can be rebuilt.
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if num_classes:
             raise ValueError(f"ViTAdapter is a feature backbone without a classifier: num_classes must be 0, got {num_classes}")
-        if patch_size != 16:
-            raise ValueError(f"patch_size must be 16 (the pyramid's 1/16 level is the ViT grid), got {patch_size}")
         if vit_feature_source not in ("interactions", "final"):
             raise ValueError(f"vit_feature_source must be 'interactions' or 'final', got {vit_feature_source!r}")
-        if interaction_indexes is None:
-            if depth % 4:
-                raise ValueError(f"depth {depth} does not split into 4 interactions: pass interaction_indexes")
-            step = depth // 4
-            interaction_indexes = [[i * step, (i + 1) * step - 1] for i in range(4)]
-        self.interaction_indexes = [(int(r[0]), int(r[-1])) for r in interaction_indexes]
-        _check_interaction_indexes(self.interaction_indexes, depth)
+
+        self.vit, trunk_name, vit_args = _build_trunk(args)
+        self.trunk = driver_for(self.vit, window_size)
+        if self.trunk.patch_size > 16:
+            raise ValueError(f"patch size {self.trunk.patch_size} is coarser than the pyramid's 1/16 level (at most 16)")
+        depth = self.trunk.depth
+        self.interaction_indexes = _interaction_ranges(interaction_indexes, depth)
+        if extractor_only and any(b[1] <= a[1] for a, b in zip(self.interaction_indexes, self.interaction_indexes[1:])):
+            raise ValueError(f"extractor-only interaction_indexes must end at increasing blocks, got {self.interaction_indexes}")
+        if add_vit_feature and vit_feature_source == "interactions" and len(self.interaction_indexes) != 4:
+            raise ValueError(
+                f"interaction_indexes lists {len(self.interaction_indexes)} interactions: adding each interaction's ViT output to its "
+                "pyramid level needs exactly 4 (one per level); use add_vit_feature=False or "
+                "vit_feature_source='final' for another count"
+            )
         self.model_args = dict(
             args,
+            **vit_args,
+            trunk=trunk_name,
+            pretrained_trunk=False,
+            trunk_kwargs=dict(trunk_kwargs or {}),
             interaction_indexes=[list(r) for r in self.interaction_indexes],
             window_size=None if window_size is None else list(window_size),
         )
-        self.in_chans = in_chans
-        self.embed_dim = self.num_features = embed_dim
+        self.in_chans = self.trunk.in_chans
+        embed_dim = self.embed_dim = self.num_features = self.trunk.embed_dim
         self.add_vit_feature = add_vit_feature
         self.vit_feature_source = vit_feature_source
+        self.extractor_only = extractor_only
+        self.freeze_trunk = freeze_trunk
         self.grad_checkpointing = False
 
-        self.vit = create_vit(
-            pretrain_size=pretrain_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            layer_scale=layer_scale,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-        )
-        self.trunk = VisionTransformerTrunk(self.vit, window_size or [None] * depth)
-
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
-        self.spm = SpatialPriorModule(embed_dim, conv_inplane, in_chans)
+        self.spm = SpatialPriorModule(embed_dim, conv_inplane, self.in_chans)
         self.interactions = nn.Sequential(*[
             InteractionBlock(
                 embed_dim,
@@ -123,6 +151,7 @@ class ViTAdapter(nn.Module):
                 cffn_ratio=cffn_ratio,
                 drop_path=drop_path_rate,
                 extra_extractors=use_extra_extractor and i == len(self.interaction_indexes) - 1,
+                with_injector=not extractor_only,
             )
             for i in range(len(self.interaction_indexes))
         ])
@@ -135,18 +164,27 @@ class ViTAdapter(nn.Module):
             dict(num_chs=embed_dim, reduction=stride, module=f"norm{i + 1}") for i, stride in enumerate(STRIDES)
         ]
         self.init_adapter_weights()
+        if freeze_trunk:
+            self.vit.requires_grad_(False)
+            self.vit.eval()
         # Tokens are channels-last already, and oneDNN's convolutions run about twice as fast on
         # channels-last inputs and weights: keep every map in that layout end to end.
         self.to(memory_format=torch.channels_last)
 
     def init_adapter_weights(self) -> None:
-        """Upstream's initialisation of everything but the ViT (SPEC §2-§3)."""
+        """Upstream's initialisation of everything but the ViT (see docs/upstream.md)."""
         for part in (self.spm, self.interactions, self.up):
             part.apply(_init_adapter_module)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
+
+    def train(self, mode: bool = True) -> "ViTAdapter":
+        super().train(mode)
+        if self.freeze_trunk:
+            self.vit.eval()  # a frozen trunk keeps its eval-mode dropout and drop-path
+        return self
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -167,18 +205,21 @@ class ViTAdapter(nn.Module):
         c1, *pyramid = self.spm(x)
         c_grids = [tuple(p.shape[-2:]) for p in pyramid]
         c = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pyramid)], dim=1)
-
-        tokens, prefix = self.trunk.embed(x)
-        vit_grid = c_grids[1]
-        vit_points = _reference_points([vit_grid], x)
         c_points = _reference_points(c_grids, x)
 
-        vit_maps = []
-        for interaction, (start, end) in zip(self.interactions, self.interaction_indexes):
-            tokens = self._maybe_checkpoint(interaction.injector, tokens, c, vit_points, c_grids)
-            tokens, prefix = self.trunk.run(tokens, prefix, start, end, vit_grid)
-            c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
-            vit_maps.append(tokens)
+        if self.extractor_only:
+            vit_maps, vit_grid = self._trunk_outputs(x)
+            for interaction, tokens in zip(self.interactions, vit_maps):
+                c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
+        else:
+            tokens, prefix, vit_grid = self.trunk.embed(x)
+            vit_points = _reference_points([vit_grid], x)
+            vit_maps = []
+            for interaction, (start, end) in zip(self.interactions, self.interaction_indexes):
+                tokens = self._maybe_checkpoint(interaction.injector, tokens, c, vit_points, c_grids)
+                tokens, prefix = self.trunk.run(tokens, prefix, start, end, vit_grid)
+                c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
+                vit_maps.append(tokens)
 
         c2, c3, c4 = [
             part.reshape(batch, gh, gw, self.embed_dim).permute(0, 3, 1, 2)
@@ -199,8 +240,19 @@ class ViTAdapter(nn.Module):
             for norm, level, s in zip(norms, levels, STRIDES)
         ]
 
+    def _trunk_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Extractor-only: one trunk pass, each interaction's last block output through the final norm."""
+        with torch.no_grad() if self.freeze_trunk else nullcontext():
+            tokens, prefix, grid = self.trunk.embed(x)
+            outputs, done = [], -1
+            for _, end in self.interaction_indexes:
+                tokens, prefix = self.trunk.run(tokens, prefix, done + 1, end, grid)
+                outputs.append(self.trunk.final_norm(tokens))
+                done = end
+        return outputs, grid
+
     def _vit_map(self, tokens: torch.Tensor, grid: tuple[int, int], size: torch.Size) -> torch.Tensor:
-        """ViT tokens as a (channels-last) map, resized bilinearly to a pyramid level's size."""
+        """ViT tokens as a (channels-last) map, resized bilinearly to a pyramid level's exact size."""
         feat = tokens.reshape(tokens.shape[0], *grid, self.embed_dim).permute(0, 3, 1, 2)
         if feat.shape[-2:] == size:
             return feat
@@ -262,26 +314,78 @@ class ViTAdapter(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"vit.pos_embed", "level_embed"}
+        """The trunk's own exemptions (position rows, cls/register tokens, bias tables) and level_embed."""
+        names = {name for name, _ in self.named_parameters()}
+        trunk_names = getattr(self.vit, "no_weight_decay", lambda: set())()
+        exempt = {f"vit.{n}" for n in trunk_names if f"vit.{n}" in names}
+        exempt |= {n for n in names if n.startswith("vit.") and n.endswith("relative_position_bias_table")}
+        return exempt | {"level_embed"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer groups for layer-wise lr decay as upstream fine-tunes: embeddings first, then each
         ViT block; the adapter (unmatched) lands in the last group with the full learning rate."""
         return dict(
-            stem=r"^vit\.(?:pos_embed|patch_embed)",
+            stem=r"^vit\.(?:pos_embed|patch_embed|cls_token|reg_token|rope|rel_pos_bias)",
             blocks=r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None)],
         )
 
 
-def _check_interaction_indexes(ranges: list[tuple[int, int]], depth: int) -> None:
-    expected = 0
-    for start, end in ranges:
-        if start != expected or end < start:
-            raise ValueError(f"interaction_indexes {ranges} must cover blocks 0..{depth - 1} in order")
-        expected = end + 1
-    if expected != depth or len(ranges) != 4:
-        raise ValueError(f"interaction_indexes {ranges} must be 4 ranges covering blocks 0..{depth - 1}")
+def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dict[str, Any]]:
+    """The trunk module, the timm name that rebuilds it (``None`` for upstream's own ViT) and the
+    resolved shape arguments of upstream's ViT (empty for a timm trunk)."""
+    trunk, trunk_kwargs = args["trunk"], dict(args["trunk_kwargs"] or {})
+    shape = {k: args[k] for k in UPSTREAM_VIT_DEFAULTS}
+    if trunk is None:
+        if trunk_kwargs or args["pretrained_trunk"]:
+            raise ValueError("trunk_kwargs and pretrained_trunk need a timm trunk: pass trunk=NAME")
+        vit_args = {k: UPSTREAM_VIT_DEFAULTS[k] if v is None else v for k, v in shape.items()}
+        if vit_args["patch_size"] != 16:
+            raise ValueError(f"upstream's ViT has patch_size 16, got {vit_args['patch_size']}: pass a timm trunk for other patch sizes")
+        vit = create_vit(
+            **vit_args, drop_rate=args["drop_rate"], attn_drop_rate=args["attn_drop_rate"], drop_path_rate=args["drop_path_rate"]
+        )
+        return vit, None, vit_args
+    given = sorted(k for k, v in shape.items() if v is not None)
+    if given or args["drop_rate"] or args["attn_drop_rate"]:
+        extra = given + [k for k in ("drop_rate", "attn_drop_rate") if args[k]]
+        raise ValueError(f"{', '.join(extra)} shape upstream's own ViT; with trunk= pass them in trunk_kwargs")
+    if isinstance(trunk, str):
+        if args["drop_path_rate"]:
+            trunk_kwargs.setdefault("drop_path_rate", args["drop_path_rate"])
+        module = create_trunk(trunk, pretrained=args["pretrained_trunk"], **trunk_kwargs)
+        return module, trunk, {}
+    if not isinstance(trunk, nn.Module):
+        raise TypeError(f"trunk must be a timm model name or a timm module, got {type(trunk).__name__}")
+    if args["pretrained_trunk"]:
+        raise ValueError("pretrained_trunk applies to a trunk given by name; a module keeps its own weights")
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    return trunk, cfg.get("architecture"), {}
+
+
+def _interaction_ranges(indexes: Optional[Sequence[Any]], depth: int) -> list[tuple[int, int]]:
+    """Inclusive (start, end) block ranges from ranges or from each interaction's last block."""
+    if indexes is None:
+        if depth < 4:
+            raise ValueError(f"a depth-{depth} trunk does not split into 4 interactions: pass interaction_indexes")
+        indexes = [round((k + 1) * depth / 4) - 1 for k in range(4)]
+    if isinstance(indexes, (str, bytes)) or not isinstance(indexes, Sequence) or not indexes:
+        raise ValueError(f"interaction_indexes must be a non-empty list of block ranges or block numbers, got {indexes!r}")
+    ranges, previous_end = [], -1
+    for item in indexes:
+        if isinstance(item, int) and not isinstance(item, bool):
+            start, end = previous_end + 1, item
+        elif isinstance(item, Sequence) and item and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
+            start, end = item[0], item[-1]
+        else:
+            raise ValueError(f"interaction_indexes entry {item!r} is neither a block number nor a [start, end] range")
+        if not 0 <= start <= end < depth:
+            raise ValueError(
+                f"interaction_indexes {list(indexes)}: entry {item!r} is not a block range within 0..{depth - 1}"
+            )
+        ranges.append((int(start), int(end)))
+        previous_end = end
+    return ranges
 
 
 def _init_adapter_module(m: nn.Module) -> None:

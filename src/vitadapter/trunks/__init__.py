@@ -1,4 +1,56 @@
-"""Per-family drivers that run a timm ViT block by block between the adapter's interactions."""
+"""Per-family drivers that run a timm ViT block by block between the adapter's interactions.
+
+``driver_for(module)`` picks the driver of a module's family; ``create_trunk(name)`` builds a timm
+ViT by name for the adapter. Each driver file knows one timm family and nothing else.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import timm
+from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .base import TrunkDriver
+from .beit import BeitTrunk
+from .eva import EvaTrunk
 from .vit import VisionTransformerTrunk, create_vit, trunk_state_from_timm
 
-__all__ = ["VisionTransformerTrunk", "create_vit", "trunk_state_from_timm"]
+DRIVERS: dict[type, type[TrunkDriver]] = {VisionTransformer: VisionTransformerTrunk, Beit: BeitTrunk, Eva: EvaTrunk}
+
+
+def driver_for(model: nn.Module, window_sizes: Optional[Sequence[Optional[int]]] = None) -> TrunkDriver:
+    """The driver of ``model``'s timm family; a ``ValueError`` for anything else."""
+    for cls, driver in DRIVERS.items():
+        if isinstance(model, cls):
+            return driver(model, window_sizes)
+    families = ", ".join(f"timm {cls.__name__}" for cls in DRIVERS)
+    raise ValueError(
+        f"unsupported trunk {type(model).__module__}.{type(model).__name__}: the adapter drives {families} "
+        "(DeiT, AugReg, DeiT3, DINOv2, BEiT, BEiTv2, EVA-02, DINOv3)"
+    )
+
+
+def create_trunk(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A timm ViT by name (``arch`` or ``arch.tag``) without its classifier; ``kwargs`` go to timm."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"trunk must be a timm model name or a timm module, got {name!r}")
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {name!r} for the trunk (see timm.list_models())")
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+__all__ = [
+    "BeitTrunk",
+    "DRIVERS",
+    "EvaTrunk",
+    "TrunkDriver",
+    "VisionTransformerTrunk",
+    "create_trunk",
+    "create_vit",
+    "driver_for",
+    "trunk_state_from_timm",
+]

@@ -1,7 +1,7 @@
-"""Drive a timm ``VisionTransformer`` (DeiT, AugReg, ...) block by block for the adapter.
+"""Drive a timm ``VisionTransformer`` (DeiT, AugReg, DINOv2, ...) block by block for the adapter.
 
-The ViT stays the model timm builds; this file only knows how to embed an image the way upstream
-does and how to run a range of its blocks, with upstream's windowed attention where asked.
+The ViT stays the model timm builds; this file only knows how to build upstream's ViT, map timm
+ImageNet checkpoints onto it, and run a range of blocks with upstream's windowed attention.
 """
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ from functools import partial
 from typing import Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers.window_attn import windowed_attention
+from .base import Grid, TrunkDriver
 
 
 def create_vit(
@@ -65,7 +64,7 @@ def trunk_state_from_timm(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A timm ImageNet ViT checkpoint -> this trunk's state dict, and the keys it dropped.
 
-    The prefix slots of ``pos_embed`` go and its grid keeps the pretrain size (SPEC §1.3). DeiT and
+    The prefix slots of ``pos_embed`` go and its grid keeps the pretrain size (it is resized at run time). DeiT and
     AugReg checkpoints have no layer scale: the gammas keep their 1.0 init, as in upstream. Keys that
     are neither the ViT's nor known classifier parts are kept, so a mismatch is reported, not hidden.
     """
@@ -86,58 +85,28 @@ def trunk_state_from_timm(
     return kept, dropped
 
 
-class VisionTransformerTrunk:
-    """Embedding and block-range execution for a timm ``VisionTransformer``.
+class VisionTransformerTrunk(TrunkDriver):
+    """timm ``VisionTransformer``: DeiT, AugReg, DeiT3, DINOv2 (patch 14, registers), upstream's ViT.
 
-    Holds no parameters of its own: ``vit`` is owned (and registered) by the adapter model.
-    ``window_sizes[i]`` is the attention window of block i, ``None`` for global attention.
+    ``window_sizes[i]`` gives block i upstream's windowed attention (``None``: global). Windows
+    need a trunk without prefix tokens, as upstream's detection ViTs are.
     """
 
-    def __init__(self, vit: VisionTransformer, window_sizes: Sequence[Optional[int]]):
-        if len(window_sizes) != len(vit.blocks):
-            raise ValueError(f"window_size lists {len(window_sizes)} blocks, the ViT has {len(vit.blocks)}")
-        self.vit = vit
-        self.window_sizes = list(window_sizes)
-        self.grad_checkpointing = False
+    family = "VisionTransformer"
 
-    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Patch tokens (B, H*W, D) with the position grid resized to H x W; no prefix tokens."""
-        vit = self.vit
-        x = vit.patch_embed(image)  # (B, H, W, D)
-        batch, h, w, dim = x.shape
-        x = x.reshape(batch, h * w, dim) + self.position_embedding(h, w)
-        return vit.pos_drop(x), None
+    def __init__(self, model: VisionTransformer, window_sizes: Optional[Sequence[Optional[int]]] = None):
+        super().__init__(model, window_sizes)
+        if any(w is not None for w in self.window_sizes) and self.prefix_tokens:
+            raise ValueError(
+                "windowed attention needs a trunk without cls/register tokens (upstream's detection "
+                "ViTs have none): build the timm model with class_token=False, reg_tokens=0"
+            )
 
-    def position_embedding(self, h: int, w: int) -> torch.Tensor:
-        """Upstream resizes the stored grid every forward with bicubic, no antialias (SPEC §1.3)."""
-        pos = self.vit.pos_embed
-        gh, gw = self.vit.patch_embed.grid_size
-        if (gh, gw) == (h, w):
-            return pos
-        grid = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
-
-    def run(
-        self,
-        x: torch.Tensor,
-        prefix: Optional[torch.Tensor],
-        start: int,
-        end: int,
-        grid: tuple[int, int],
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Blocks ``start..end`` inclusive (upstream's interaction ranges are inclusive)."""
-        for i in range(start, end + 1):
-            block, window = self.vit.blocks[i], self.window_sizes[i]
-            if window is None:
-                fn, args = block, (x,)
-            else:
-                fn, args = partial(_windowed_block, block, grid=grid, window=window), (x,)
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
-                x = checkpoint(fn, *args, use_reentrant=False)
-            else:
-                x = fn(*args)
-        return x, prefix
+    def _block(self, index: int, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        block, window = self.model.blocks[index], self.window_sizes[index]
+        if window is None:
+            return block(x)
+        return _windowed_block(block, x, grid, window)
 
 
 def _windowed_block(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
