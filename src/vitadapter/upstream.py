@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
+from timm.models.beit import Beit
 
 from .models.vit_adapter import ViTAdapter
 from .trunks import trunk_state_from_timm
@@ -61,17 +62,28 @@ def load_upstream(
 
 
 def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str, Any]:
-    """Translate an upstream backbone config into ``ViTAdapter`` keyword arguments."""
+    """Translate an upstream backbone config (``ViTAdapter`` or ``BEiTAdapter``) into ``ViTAdapter`` kwargs."""
     if codebase not in CODEBASES:
         raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
     cfg = dict(backbone_cfg)
     kind = cfg.pop("type", "ViTAdapter")
-    if kind != "ViTAdapter":
-        raise ValueError(f"backbone type {kind!r} is not supported yet (supported: 'ViTAdapter')")
-    kwargs = {name: cfg.pop(name) for name in _SAME_NAME if name in cfg}
+    if kind not in ("ViTAdapter", "BEiTAdapter"):
+        raise ValueError(f"backbone type {kind!r} is not supported (supported: 'ViTAdapter', 'BEiTAdapter')")
     for name in _IGNORED:
         cfg.pop(name, None)
+    if kind == "BEiTAdapter":
+        kwargs = _beit_kwargs(cfg, codebase)
+    else:
+        kwargs = _vit_kwargs(cfg)
+        kwargs["vit_feature_source"] = "interactions" if codebase == "segmentation" else "final"
+    if cfg:
+        raise ValueError(f"unsupported upstream {kind} option(s): {sorted(cfg)}")
+    return kwargs
 
+
+def _vit_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Upstream's ``ViTAdapter`` options (consumed from ``cfg``)."""
+    kwargs = {name: cfg.pop(name) for name in _SAME_NAME if name in cfg}
     img_size = cfg.pop("img_size", None)
     pretrain_size = kwargs.setdefault("pretrain_size", 224)
     if img_size is not None and _as_int_size(img_size) != pretrain_size:
@@ -81,23 +93,89 @@ def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str,
         )
     if cfg.pop("residual_indices", None):
         raise ValueError("residual_indices (ViTDet-style residual blocks) are not supported")
-
-    depth = kwargs.get("depth", 12)
-    window_attn = cfg.pop("window_attn", False)
-    window_size = cfg.pop("window_size", 14)
-    window_attn = _per_block(window_attn, depth, "window_attn")
-    window_size = _per_block(window_size, depth, "window_size")
-    if any(window_attn):
-        kwargs["window_size"] = [int(s) if on else None for on, s in zip(window_attn, window_size)]
-
-    if cfg:
-        raise ValueError(f"unsupported upstream backbone option(s): {sorted(cfg)}")
+    windows = _windows(cfg, kwargs.get("depth", 12))
+    if windows:
+        kwargs["window_size"] = windows
     # upstream's class defaults where they differ from ViTAdapter's
     kwargs.setdefault("num_heads", 12)
     kwargs.setdefault("layer_scale", True)
     kwargs.setdefault("deform_num_heads", 6)
-    kwargs["vit_feature_source"] = "interactions" if codebase == "segmentation" else "final"
     return kwargs
+
+
+# upstream BEiT trunk options -> timm ``Beit`` keyword arguments
+_BEIT_TRUNK = {
+    "img_size": "img_size", "patch_size": "patch_size", "in_chans": "in_chans", "embed_dim": "embed_dim",
+    "depth": "depth", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias",
+    "attn_drop_rate": "attn_drop_rate", "drop_path_rate": "drop_path_rate", "use_abs_pos_emb": "use_abs_pos_emb",
+    "use_rel_pos_bias": "use_rel_pos_bias", "use_shared_rel_pos_bias": "use_shared_rel_pos_bias",
+}
+# upstream BEiTAdapter adapter options that keep their names
+_BEIT_ADAPTER = ("conv_inplane", "n_points", "deform_num_heads", "deform_ratio", "with_cffn", "cffn_ratio",
+                 "interaction_indexes", "add_vit_feature")
+# upstream BEiT's class defaults (its configs override most of them)
+_BEIT_DEFAULTS = dict(img_size=512, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                      mlp_ratio=4.0, qkv_bias=False, use_abs_pos_emb=False, use_rel_pos_bias=True)
+
+
+def _beit_kwargs(cfg: dict[str, Any], codebase: str) -> dict[str, Any]:
+    """Upstream's ``BEiTAdapter`` (consumed from ``cfg``): a timm ``Beit`` trunk with upstream's shape.
+
+    The segmentation BEiT carries its cls token through every block group; the detection BEiT has
+    none and attends within windows (the Beit driver turns the trunk into that layout).
+    """
+    trunk = dict(_BEIT_DEFAULTS)
+    trunk.update({_BEIT_TRUNK[k]: cfg.pop(k) for k in list(cfg) if k in _BEIT_TRUNK})
+    trunk["img_size"] = _as_int_size(trunk["img_size"])
+    adapter = {k: cfg.pop(k) for k in _BEIT_ADAPTER if k in cfg}
+    drop_rate = cfg.pop("drop_rate", 0.0)
+    trunk.update(pos_drop_rate=drop_rate, proj_drop_rate=drop_rate)
+    if cfg.pop("qk_scale", None) is not None:
+        raise ValueError("qk_scale is not supported: BEiT scales attention by head_dim ** -0.5")
+    init_values = cfg.pop("init_values", 0.0)
+    if not init_values:
+        raise ValueError(
+            f"init_values {init_values!r}: BEiTAdapter needs a positive layer-scale init (its configs use 1e-6); "
+            "0 would zero every block's residual branch"
+        )
+    pretrain_size = cfg.pop("pretrain_size", 224)
+    if trunk["use_abs_pos_emb"] and (codebase == "segmentation" or _as_int_size(pretrain_size) != trunk["img_size"]):
+        raise ValueError(
+            "use_abs_pos_emb: upstream's BEiTAdapter reshapes the position table to pretrain_size/16 "
+            "without its cls row, which only works in the detection codebase with pretrain_size == img_size"
+        )
+    version = cfg.pop("version", "new")
+    if codebase == "segmentation":
+        source = "interactions"
+    elif version in ("new", "old"):
+        source = "final" if version == "new" else "interactions"
+    else:
+        raise ValueError(f"version must be 'new' or 'old', got {version!r}")
+    kwargs = dict(
+        trunk="beit_base_patch16_224",
+        trunk_kwargs=dict(trunk, init_values=float(init_values)),
+        drop_path_rate=trunk.get("drop_path_rate", 0.0),
+        init_values=float(init_values),
+        **{"deform_num_heads": 6, "deform_ratio": 1.0, **adapter},
+        vit_feature_source=source,
+    )
+    windows = _windows(cfg, trunk["depth"])
+    if codebase == "detection" and not windows:
+        raise ValueError("a detection BEiTAdapter without window_attn is not supported (upstream's detection BEiTs use windows)")
+    if codebase == "segmentation" and windows:
+        raise ValueError("window_attn: upstream's segmentation BEiT has no windowed attention")
+    if windows:
+        kwargs["window_size"] = windows
+    return kwargs
+
+
+def _windows(cfg: dict[str, Any], depth: int) -> Optional[list[Optional[int]]]:
+    """Per-block windows from upstream's ``window_attn``/``window_size`` (``None``: none asked)."""
+    window_attn = _per_block(cfg.pop("window_attn", False), depth, "window_attn")
+    window_size = _per_block(cfg.pop("window_size", 14), depth, "window_size")
+    if not any(window_attn):
+        return None
+    return [int(s) if on else None for on, s in zip(window_attn, window_size)]
 
 
 class Conversion(NamedTuple):
@@ -147,15 +225,17 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
-    if any(".relative_position_bias_table" in k or k.endswith((".q_bias", ".v_bias")) for k in state):
+    beit_state = any(".relative_position_bias_table" in k or k.endswith((".q_bias", ".v_bias")) for k in state)
+    if beit_state and not isinstance(model.vit, Beit):
         raise ValueError(
-            "this is a BEiT-family checkpoint (relative position bias tables, q/v biases): vitadapter "
-            "has no BEiT trunk yet, only ViT (ViTAdapter) checkpoints load"
+            f"this is a BEiT checkpoint (relative position bias tables, q/v biases) and the model's trunk is "
+            f"a {type(model.vit).__name__}: use a BEiT architecture"
         )
     if any(k.startswith("vit.") for k in state):
         return Conversion(dict(state), dropped, [])
     if any(k.startswith(("spm.", "level_embed", "interactions.")) for k in state):
-        return Conversion(_upstream_keys(state), dropped, [])
+        convert = _upstream_beit_keys if beit_state else _upstream_keys
+        return Conversion(convert(state), dropped, [])
     if "patch_embed.proj.weight" in state:
         trunk, classifier = trunk_state_from_timm(state, model.vit)
         full = {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")}
@@ -227,6 +307,17 @@ def _upstream_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             key = "vit." + key.replace(".gamma1", ".ls1.gamma").replace(".gamma2", ".ls2.gamma")
         out[key] = value
     return out
+
+
+def _upstream_beit_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream BEiTAdapter keys -> this model's: the trunk's names are timm ``Beit``'s already.
+    ``relative_position_index`` is derived (and missing from released files), so it is dropped."""
+    trunk = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "rel_pos_bias.")
+    return {
+        ("vit." + k if k.startswith(trunk) else k): v
+        for k, v in state.items()
+        if not k.endswith("relative_position_index")
+    }
 
 
 def _drop_cls_slot(pos_embed: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ class ViTAdapter(nn.Module):
             raise ValueError(f"vit_feature_source must be 'interactions' or 'final', got {vit_feature_source!r}")
 
         self.vit, trunk_name, vit_args = _build_trunk(args)
+        _drop_unused_parts(self.vit, keep_final_norm=extractor_only)
         self.trunk = driver_for(self.vit, window_size)
         if self.trunk.patch_size > 16:
             raise ValueError(f"patch size {self.trunk.patch_size} is coarser than the pyramid's 1/16 level (at most 16)")
@@ -361,6 +362,16 @@ def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dic
         raise ValueError("pretrained_trunk applies to a trunk given by name; a module keeps its own weights")
     cfg = getattr(trunk, "pretrained_cfg", None) or {}
     return trunk, cfg.get("architecture"), {}
+
+
+def _drop_unused_parts(vit: nn.Module, keep_final_norm: bool) -> None:
+    """The classifier parts of a timm trunk (and its final norm, which only the extractor-only design
+    uses) become Identity: parameters outside the forward would stall DDP and never train."""
+    for name in ("head", "head_drop", "fc_norm") + (() if keep_final_norm else ("norm",)):
+        if isinstance(getattr(vit, name, None), nn.Module):
+            setattr(vit, name, nn.Identity())
+    if getattr(vit, "attn_pool", None) is not None:
+        vit.attn_pool = None
 
 
 def _interaction_ranges(indexes: Optional[Sequence[Any]], depth: int) -> list[tuple[int, int]]:
