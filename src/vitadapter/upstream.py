@@ -21,12 +21,15 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import torch
 from timm.models.beit import Beit
 
+from .converters import dinov2, dinov3
 from .models.vit_adapter import ViTAdapter
 from .trunks import trunk_state_from_timm
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Any]]
 
-CODEBASES = ("segmentation", "detection")
+CODEBASES = ("segmentation", "detection", "dinov2", "dinov3")
+# codebases whose configs and keys live in their own converter module
+_FOREIGN = {"dinov2": dinov2, "dinov3": dinov3}
 
 # upstream ViTAdapter / TIMMVisionTransformer kwargs that map one-to-one onto ViTAdapter's
 _SAME_NAME = (
@@ -45,20 +48,61 @@ def load_upstream(
     codebase: str,
     checkpoint: Optional[Checkpoint] = None,
 ) -> ViTAdapter:
-    """Build the exact equivalent of an upstream config's ``model.backbone`` and load its weights.
+    """Build the exact equivalent of a foreign adapter config and load its weights.
 
-    ``codebase`` is "segmentation" (pyramid levels get each interaction's ViT output) or "detection"
-    (all levels get the final ViT output). ``checkpoint`` is a path (``.pth``, ``.pth.tar``, release
-    ``.zip``) or an already loaded dict in upstream's layout (``state_dict``/``model`` wrapper,
-    ``backbone.`` and ``module.`` prefixes, head keys are dropped). ``with_cp`` turns on activation
-    checkpointing as upstream does.
+    ``codebase`` names the code the config comes from:
+
+    - "segmentation" / "detection": upstream ViT-Adapter's ``model.backbone`` dict (``type``
+      ``ViTAdapter`` or ``BEiTAdapter``). The segmentation codebase adds each interaction's ViT
+      output to its pyramid level, the detection codebase the final one (and uses windows);
+    - "dinov2": the kwargs of DINOv2's segmentation ``ViTAdapter``;
+    - "dinov3": ``{"vit": DinoVisionTransformer kwargs, "adapter": DINOv3_Adapter kwargs}``.
+
+    ``checkpoint`` is a path (``.pth``, ``.pth.tar``, release ``.zip``) or an already loaded dict in
+    that code's own key layout (``state_dict``/``model`` wrappers and ``module.`` prefixes are
+    accepted; upstream's ``backbone.`` prefix is stripped and head keys dropped). ``with_cp`` turns
+    on activation checkpointing as the config asks.
     """
-    model = ViTAdapter(**upstream_kwargs(backbone_cfg, codebase))
-    if backbone_cfg.get("with_cp"):
+    if codebase not in CODEBASES:
+        raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
+    if not isinstance(backbone_cfg, Mapping):
+        raise TypeError(f"config must be a dict, got {type(backbone_cfg).__name__}")
+    foreign = _FOREIGN.get(codebase)
+    kwargs = foreign.adapter_kwargs(backbone_cfg) if foreign else upstream_kwargs(backbone_cfg, codebase)
+    model = ViTAdapter(**kwargs)
+    if backbone_cfg.get("with_cp") or backbone_cfg.get("adapter", {}).get("with_cp"):
         model.set_grad_checkpointing(True)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        if foreign is None:
+            load_checkpoint(model, checkpoint)
+        else:
+            state = _foreign_state(checkpoint, codebase)
+            state = foreign.convert_state(state, model)
+            check_state_dict(model, state)
+            model.load_state_dict(state)
     return model
+
+
+def _foreign_state(checkpoint: Checkpoint, codebase: str) -> dict[str, Any]:
+    """The state dict of a DINOv2/DINOv3 adapter checkpoint: wrappers and ``module.`` go; for DINOv2 a
+    whole segmentor's ``backbone.`` keys are kept (DINOv3 keeps its ViT under ``backbone.`` itself)."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"a checkpoint must hold a dict of tensors, this one holds a {type(checkpoint).__name__}")
+    if codebase == "dinov2":
+        state, _ = _unwrap(checkpoint)
+    else:
+        state = checkpoint
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"checkpoint entry {key!r} is not a named tensor ({type(value).__name__})")
+    return state
 
 
 def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str, Any]:
