@@ -32,8 +32,8 @@ def odd_image(tmp_path):
 def test_list_prints_every_model_and_filters(capsys):
     assert main(["list"]) == 0
     assert capsys.readouterr().out.split() == list_models()
-    assert main(["list", "*_t"]) == 0
-    assert capsys.readouterr().out.split() == ["vit_adapter_t"]
+    assert main(["list", "vit_adapter_?"]) == 0
+    assert capsys.readouterr().out.split() == ["vit_adapter_b", "vit_adapter_l", "vit_adapter_s", "vit_adapter_t"]
 
 
 def test_list_pretrained_prints_arch_tags(capsys):

@@ -64,11 +64,26 @@ def tiny_timm_deit(path: Path) -> dict:
 
 def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
     for arch in vitadapter.list_models():
+        if arch == "vit_adapter":  # any trunk: its weights are the trunk's own timm tag
+            continue
         tags = vitadapter.list_pretrained(f"{arch}.*")
-        assert any(t.endswith(("_ade20k", "_coco")) for t in tags), arch
+        if not arch.startswith("vit_adapter_dino"):  # the DINO adapters' released heads are not ViT-Adapter's
+            assert any(t.endswith(("_ade20k", "_coco")) for t in tags), arch
         default = timm.models.get_pretrained_cfg(arch)
-        assert default.tag in ("deit_in1k", "augreg_in21k_ft_in1k"), arch
-        assert default.hf_hub_id and not default.url
+        assert default.hf_hub_id.startswith("timm/") and not default.url, arch
+
+
+def test_foundation_trunk_tags_are_the_trunks_own_timm_tags():
+    """For archs on a timm trunk by name, each Hub tag is that very trunk's timm repo and tag."""
+    for name in vitadapter.list_pretrained():
+        cfg = timm.models.get_pretrained_cfg(name)
+        if not cfg.hf_hub_id:
+            continue
+        assert cfg.hf_hub_id.removeprefix("timm/") in timm.list_pretrained(), name
+        with torch.device("meta"):
+            trunk = vitadapter.create_model(name).model_args["trunk"]
+        if trunk is not None:
+            assert cfg.hf_hub_id == f"timm/{trunk}.{cfg.tag}", name
 
 
 def test_trunk_tags_name_repos_in_timms_registry():
@@ -94,10 +109,10 @@ def test_trunk_tags_name_repos_in_timms_registry():
 def test_upstream_tags_are_release_files_with_the_right_flavour():
     for name in vitadapter.list_pretrained():
         cfg = timm.models.get_pretrained_cfg(name)
-        if cfg.tag in ("deit_in1k", "augreg_in21k_ft_in1k"):
+        if cfg.hf_hub_id:  # ImageNet trunk tags
             continue
         assert cfg.url.startswith("https://github.com" + RELEASES + "/")
-        assert cfg.url.endswith((".pth", ".pth.tar"))
+        assert cfg.url.endswith((".pth", ".pth.tar", ".zip"))
         detection = cfg.notes[0].startswith("upstream config detection/")
         with torch.device("meta"):
             args = vitadapter.create_model(name).model_args

@@ -9,17 +9,15 @@ from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
 
-_MODULE = "vitadapter.models.vit_adapter"
-
-
 def list_models(pattern: str = "") -> list[str]:
     """Registered vitadapter architectures, optionally filtered by a glob ``pattern``."""
-    return timm.list_models(pattern or "*", module=_MODULE.rsplit(".", 1)[-1])
+    return sorted({name for module in models.FAMILY_MODULES for name in timm.list_models(pattern or "*", module=module)})
 
 
 def list_pretrained(pattern: str = "") -> list[str]:
     """``arch.tag`` names that come with weights."""
-    return timm.list_pretrained(pattern or "vit_adapter_*")
+    ours = set(list_models())
+    return [name for name in timm.list_pretrained(pattern or "*") if name.split(".", 1)[0] in ours]
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -1,7 +1,7 @@
 """Upstream ViT-Adapter configs and checkpoints -> vitadapter models.
 
 The only module that knows upstream's names: the mm-style ``model.backbone`` dicts of the
-segmentation and detection codebases and the checkpoint key layout (SPEC §4, §7). It also reads
+segmentation and detection codebases and the checkpoint key layout (docs/upstream.md). It also reads
 ``torch.save`` files and upstream's ``.zip`` release archives without running code from them, and
 turns every supported checkpoint layout (upstream's, vitadapter's own, a timm ImageNet ViT) into a
 ViTAdapter state dict.
@@ -20,10 +20,13 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_filter
 
 from .converters import dinov2, dinov3
 from .models.vit_adapter import ViTAdapter
 from .trunks import trunk_state_from_timm
+from .trunks.beit import beit_state_for
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -260,8 +263,8 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
     """Any supported checkpoint layout -> a full state dict for ``model``.
 
     Layouts: vitadapter's own (``vit.*`` keys, as in ``model.safetensors``), upstream's (mm-style,
-    ``backbone.`` prefix, heads; SPEC §4, §7) and a timm ImageNet ViT (the trunk only: the adapter
-    keeps its fresh upstream initialisation, SPEC §3).
+    ``backbone.`` prefix, heads) and a timm checkpoint of the trunk's family (the trunk only: the
+    adapter keeps its fresh upstream initialisation).
     """
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"a checkpoint must hold a dict of tensors, this one holds a {type(checkpoint).__name__}")
@@ -281,6 +284,11 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
         convert = _upstream_beit_keys if beit_state else _upstream_keys
         return Conversion(convert(state), dropped, [])
     if "patch_embed.proj.weight" in state:
+        if isinstance(model.vit, Beit):
+            state, gone = beit_state_for(dict(state), model.vit)
+            dropped = dropped + gone
+        elif isinstance(model.vit, Eva):
+            state = eva_filter(state, model.vit)  # maps DINOv3/EVA release names onto timm's module
         trunk, classifier = trunk_state_from_timm(state, model.vit)
         full = {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")}
         initialised = sorted(full)
@@ -342,7 +350,7 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _upstream_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Upstream backbone keys -> this model's keys (SPEC §4)."""
+    """Upstream backbone keys -> this model's keys (layer scale ``gamma1/2`` is timm's ``ls1/2.gamma``)."""
     out = {}
     for key, value in state.items():
         if key == "pos_embed":
@@ -365,7 +373,7 @@ def _upstream_beit_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _drop_cls_slot(pos_embed: torch.Tensor) -> torch.Tensor:
-    """Upstream's grid is square and follows one cls slot (SPEC §4)."""
+    """Upstream's grid is square and follows one cls slot, which its ViT never uses."""
     cells = pos_embed.shape[1] - 1 if pos_embed.dim() == 3 else -1
     if cells > 0 and math.isqrt(cells) ** 2 == cells:
         return pos_embed[:, 1:]

@@ -347,6 +347,7 @@ def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dic
             **vit_args, drop_rate=args["drop_rate"], attn_drop_rate=args["attn_drop_rate"], drop_path_rate=args["drop_path_rate"]
         )
         return vit, None, vit_args
+    in_chans = shape.pop("in_chans")  # timm's builders pass it to every model; it is the trunk's too
     given = sorted(k for k, v in shape.items() if v is not None)
     if given or args["drop_rate"] or args["attn_drop_rate"]:
         extra = given + [k for k in ("drop_rate", "attn_drop_rate") if args[k]]
@@ -354,12 +355,16 @@ def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dic
     if isinstance(trunk, str):
         if args["drop_path_rate"]:
             trunk_kwargs.setdefault("drop_path_rate", args["drop_path_rate"])
+        if in_chans is not None:
+            trunk_kwargs.setdefault("in_chans", in_chans)
         module = create_trunk(trunk, pretrained=args["pretrained_trunk"], **trunk_kwargs)
         return module, trunk, {}
     if not isinstance(trunk, nn.Module):
         raise TypeError(f"trunk must be a timm model name or a timm module, got {type(trunk).__name__}")
     if args["pretrained_trunk"]:
         raise ValueError("pretrained_trunk applies to a trunk given by name; a module keeps its own weights")
+    if in_chans is not None and in_chans != trunk.patch_embed.proj.in_channels:
+        raise ValueError(f"in_chans {in_chans} differs from the trunk module's {trunk.patch_embed.proj.in_channels}")
     cfg = getattr(trunk, "pretrained_cfg", None) or {}
     return trunk, cfg.get("architecture"), {}
 
@@ -434,6 +439,10 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
     cache_dir = kwargs.pop("cache_dir", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
+    sourceless = not any(getattr(cfg, k, None) for k in ("url", "hf_hub_id", "file", "state_dict"))
+    if pretrained and sourceless and isinstance(kwargs.get("trunk"), str):
+        # nothing of the adapter's own to load: the trunk's timm weights, through timm
+        kwargs["pretrained_trunk"], pretrained = True, False
 
     def build(**model_kwargs: Any) -> ViTAdapter:
         model = ViTAdapter(**model_kwargs)
@@ -495,6 +504,8 @@ def _upstream(file: str, config: str, metric: str, **kwargs: Any) -> dict[str, A
 # from (upstream's own `pretrained=`). Dense-task backbones are opt-in tags; links are copied from
 # upstream's segmentation/README.md and detection/README.md, configs from upstream's configs/.
 default_cfgs = generate_default_cfgs({
+    # any timm ViT: ``trunk=NAME`` (pretrained=True loads the trunk's timm weights) or ``trunk=MODULE``
+    "vit_adapter": _cfg(),
     "vit_adapter_t.deit_in1k": _trunk("timm/deit_tiny_patch16_224.fb_in1k"),
     "vit_adapter_t.augreg_in21k_ft_in1k": _trunk("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", **_HALF),
     # Same release naming ("..._160_ade20k") as the DeiT-T file that is reported dead (upstream
@@ -576,36 +587,48 @@ _SIZES = {"t": _T, "s": _S, "b": _B, "l": _L}
 
 def closest_architecture(model_args: Mapping[str, Any]) -> str:
     """The registered architecture of the same forward flavour and the nearest width. A config.json
-    for a configuration built outside the registry names it; its model_args then rebuild it exactly."""
+    for a configuration built outside the registry names it; its model_args then rebuild it exactly.
+    Configurations on a timm trunk name the generic ``vit_adapter``."""
+    if model_args.get("trunk") is not None:
+        return "vit_adapter"
     size = min(_SIZES, key=lambda s: abs(_SIZES[s]["embed_dim"] - model_args["embed_dim"]))
     return f"vit_adapter_{size}" + ("_det" if model_args["vit_feature_source"] == "final" else "")
 
 
 def _detection(depth: int) -> dict[str, Any]:
     """Upstream's detection flavour: final ViT feature on every level, 14x14 windows except the last
-    block of each interaction group (SPEC §1.6, §4)."""
+    block of each interaction group (see docs/upstream.md)."""
     group = depth // 4
     windows = ([14] * (group - 1) + [None]) * 4
     return dict(vit_feature_source="final", window_size=windows)
 
 
 @register_model
+def vit_adapter(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter on any timm ViT: ``trunk`` is a timm name (``pretrained`` loads its timm weights
+    and the adapter starts fresh) or a timm module; every ``ViTAdapter`` option applies."""
+    if kwargs.get("trunk") is None:
+        raise ValueError("vit_adapter needs trunk=: a timm ViT name (e.g. 'vit_base_patch14_dinov2.lvd142m') or module")
+    return _create_vit_adapter("vit_adapter", pretrained, **kwargs)
+
+
+@register_model
 def vit_adapter_t(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-T: DeiT-Tiny trunk, segmentation forward (SPEC §6)."""
+    """ViT-Adapter-T: DeiT-Tiny trunk, segmentation forward (upstream's released configuration)."""
     args = dict(_T, drop_path_rate=0.1)
     return _create_vit_adapter("vit_adapter_t", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_adapter_s(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-S: DeiT-Small trunk, segmentation forward (SPEC §6)."""
+    """ViT-Adapter-S: DeiT-Small trunk, segmentation forward (upstream's released configuration)."""
     args = dict(_S, drop_path_rate=0.2)
     return _create_vit_adapter("vit_adapter_s", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vit_adapter_b(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-B: DeiT-Base trunk, 224-px position grid, segmentation forward (SPEC §6)."""
+    """ViT-Adapter-B: DeiT-Base trunk, 224-px position grid, segmentation forward (upstream's released configuration)."""
     args = dict(_B, drop_path_rate=0.3)
     return _create_vit_adapter("vit_adapter_b", pretrained, **dict(args, **kwargs))
 
@@ -619,7 +642,7 @@ def vit_adapter_b_384(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
 
 @register_model
 def vit_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-L: ViT-L/16 trunk (AugReg), 384-px position grid, segmentation forward (SPEC §6)."""
+    """ViT-Adapter-L: ViT-L/16 trunk (AugReg), 384-px position grid, segmentation forward (upstream's released configuration)."""
     args = dict(_L, drop_path_rate=0.4)
     return _create_vit_adapter("vit_adapter_l", pretrained, **dict(args, **kwargs))
 

@@ -40,6 +40,9 @@ def create_trunk(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     arch = name.split(".", 1)[0]
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm model {name!r} for the trunk (see timm.list_models())")
+    if timm.models.model_entrypoint(arch).__module__.endswith(".eva"):
+        # rotary embeddings for any grid, not only the one they were built for
+        kwargs.setdefault("dynamic_img_size", True)
     return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
 

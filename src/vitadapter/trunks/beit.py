@@ -13,6 +13,7 @@ into that model: the cls token goes and the tables are cut to their windows.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -150,3 +151,43 @@ def _to_detection_layout(model: Beit, window_sizes: Sequence[Optional[int]]) -> 
         if new.shape != table.shape:
             attn.relative_position_bias_table = nn.Parameter(new.clone(), requires_grad=table.requires_grad)
         attn.window_size = target
+
+
+def beit_state_for(state: dict[str, torch.Tensor], model: Beit) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A timm-layout BEiT checkpoint fitted to ``model``: bias tables resized to each block's grid
+    (cls rows dropped where the model has none) and, for a model without cls token, its token and
+    position row dropped. Returns (state, dropped keys)."""
+    own = model.state_dict()
+    out, dropped = {}, []
+    for key, value in state.items():
+        if key == "cls_token" and model.cls_token is None:
+            dropped.append(key)
+            continue
+        if key == "pos_embed" and "pos_embed" in own and value.shape[1] == own[key].shape[1] + 1:
+            value = value[:, 1:]
+        if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
+            value = _fit_table(value, model.get_submodule(key.rsplit(".", 1)[0]))
+        if key.endswith("relative_position_index"):
+            continue
+        out[key] = value
+    return out, dropped
+
+
+def _fit_table(table: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    rows = table.shape[0]
+    for extra in (CLS_ROWS, 0):
+        side = math.isqrt(rows - extra)
+        if side * side == rows - extra and side % 2:
+            grid = ((side + 1) // 2, (side + 1) // 2)
+            break
+    else:
+        raise ValueError(f"a relative position table of {rows} rows is not a square grid's")
+    target = tuple(owner.window_size)
+    wanted = owner.relative_position_bias_table.shape[0]
+    plane = resize_bias_table(table[: rows - extra], grid, target)
+    missing = wanted - plane.shape[0]
+    if missing == CLS_ROWS and extra == CLS_ROWS:
+        return torch.cat([plane, table[rows - extra :]])
+    if missing:
+        raise ValueError(f"cannot fit a {rows}-row relative position table into {wanted} rows")
+    return plane

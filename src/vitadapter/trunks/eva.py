@@ -35,5 +35,11 @@ class EvaTrunk(TrunkDriver):
             return None
         key = (grid, device)
         if key not in self._rope_cache:
-            self._rope_cache[key] = self.model.rope.get_embed(shape=list(grid))
+            rope = self.model.rope.get_embed(shape=list(grid))
+            if rope.shape[-2] != grid[0] * grid[1]:
+                raise ValueError(
+                    f"this Eva's rotary embedding is fixed to its build grid, not {grid[0]}x{grid[1]}: "
+                    "create the timm model with dynamic_img_size=True"
+                )
+            self._rope_cache[key] = rope
         return self._rope_cache[key]

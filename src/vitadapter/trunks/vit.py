@@ -71,9 +71,11 @@ def trunk_state_from_timm(
     expected = vit.state_dict()
     grid = vit.patch_embed.grid_size[0] * vit.patch_embed.grid_size[1]
     prefix = sum(state[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in state)
+    own = expected.get("pos_embed")
     kept, dropped = {}, []
     for key, value in state.items():
-        if key == "pos_embed" and value.dim() == 3 and value.shape[1] == prefix + grid:
+        # a trunk without prefix tokens (upstream's) drops their position slots; one with them keeps them
+        if key == "pos_embed" and own is not None and own.shape[1] == grid and value.dim() == 3 and value.shape[1] == prefix + grid:
             value = value[:, prefix:]
         if key not in expected and key.startswith(_CLASSIFIER_PARTS):
             dropped.append(key)
