@@ -231,3 +231,26 @@ def test_timm_beit_checkpoint_into_detection_layout():
     assert "cls_token" in conversion.dropped
     with torch.no_grad():
         assert all(torch.isfinite(o).all() for o in model(torch.randn(1, 3, 96, 64)))
+
+
+def test_dinov2_swiglu_checkpoint_keys():
+    """DINOv2's ViT-g layout (unpacked SwiGLU w1, w2, w3; gamma1/2; cls row in pos_embed): after
+    loading, a block's MLP is w3(silu(w1 x) * w2 x), computed here from the raw tensors."""
+    config = dict(_dino_fixture("dinov2")[1], ffn_type="swiglu")
+    model = vitadapter.load_upstream(config, "dinov2")
+    theirs = {}
+    for key, value in model.state_dict().items():
+        key = key.removeprefix("vit.").replace(".ls1.gamma", ".gamma1").replace(".ls2.gamma", ".gamma2")
+        if ".mlp.fc1." in key:
+            half = value.shape[0] // 2
+            theirs[key.replace("fc1", "w1")], theirs[key.replace("fc1", "w2")] = value[:half], value[half:]
+        else:
+            theirs[key.replace("mlp.fc2", "mlp.w3")] = value
+    theirs = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in theirs.items()}
+    loaded = vitadapter.load_upstream(config, "dinov2", {"state_dict": theirs})
+    x = torch.randn(2, 5, 128)
+    w1, w2, w3 = (theirs[f"blocks.1.mlp.{n}.weight"] for n in ("w1", "w2", "w3"))
+    b1, b2, b3 = (theirs[f"blocks.1.mlp.{n}.bias"] for n in ("w1", "w2", "w3"))
+    expected = torch.nn.functional.silu(x @ w1.T + b1) * (x @ w2.T + b2) @ w3.T + b3
+    assert max_rel_err(loaded.vit.blocks[1].mlp(x), expected) <= 1e-5
+    assert torch.equal(loaded.vit.blocks[1].ls1.gamma, theirs["blocks.1.gamma1"])
