@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import shutil
 import sys
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -19,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__, create_model, list_models, list_pretrained, load_upstream
 from .hub import read_weights, save_pretrained
+from .staging import staging_folder
 from .upstream import Conversion, load_checkpoint
 from .visualize import pyramid_picture
 
@@ -109,7 +108,7 @@ def _weights_source(cfg: dict) -> str:
 def _convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists():
-        raise ValueError(f"{dst} already exists: convert writes a new folder, pick another name or remove it")
+        raise _exists(dst)
     model, pretrained_cfg = _model_to_convert(args)
     with tqdm(total=3, desc="convert", unit="step", bar_format="{desc}: {n}/{total} steps{postfix}") as bar:
         bar.set_postfix_str(f"reading {args.src}")
@@ -146,15 +145,20 @@ def _model_to_convert(args: argparse.Namespace) -> tuple[torch.nn.Module, Option
 
 
 def _save_new_folder(model: torch.nn.Module, dst: Path, pretrained_cfg: Optional[dict[str, Any]]) -> None:
-    """Write into a temporary sibling folder and rename it: an error leaves no partial ``dst``."""
-    staging = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-    staging.mkdir(parents=True)
-    try:
+    """Write into a staging folder beside ``dst`` and rename it: an error leaves no partial ``dst``, and
+    a killed run's staging folder is removed by the next run (``vitadapter.staging``)."""
+    with staging_folder(dst) as staging:
         save_pretrained(model, staging, pretrained_cfg)
-        staging.rename(dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            staging.rename(dst)
+        except OSError as e:
+            if dst.exists():  # another convert to the same destination finished first
+                raise _exists(dst) from e
+            raise
+
+
+def _exists(dst: Path) -> ValueError:
+    return ValueError(f"{dst} already exists: convert writes a new folder, pick another name or remove it")
 
 
 def _print_summary(model: torch.nn.Module, conversion: Conversion, dst: Path) -> None:

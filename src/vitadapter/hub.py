@@ -14,9 +14,8 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 
 from .models.vit_adapter import ViTAdapter, closest_architecture
+from .staging import write_atomically
 from .upstream import Conversion, load_checkpoint, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -47,7 +47,8 @@ def save_pretrained(
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``folder`` (created if needed).
 
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
-    under a temporary name and renamed, so an interrupted save leaves no half-written file.
+    under a staging name and renamed (``vitadapter.staging``), so an interrupted save leaves no
+    half-written file, and both get the usual umask-respecting mode.
     """
     if not isinstance(model, ViTAdapter):
         raise TypeError(f"save_pretrained expects a vitadapter ViTAdapter, got {type(model).__name__}")
@@ -56,8 +57,8 @@ def save_pretrained(
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous buffers only, and the model keeps its conv weights channels-last
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-    _write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 
@@ -173,17 +174,6 @@ def push_to_hub(
     return commit.commit_url
 
 
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    # a unique sibling name (not mkstemp, whose 0600 mode would outlive the rename)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _has_safetensors_header(path: Path) -> bool:
     """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
     with open(path, "rb") as f:
@@ -240,4 +230,4 @@ def _download(url: str, target: Path) -> None:
             if expected is not None and received != expected:
                 raise ConnectionError(f"download incomplete: {received} of {expected} bytes")
 
-        _write_atomically(target, write)
+        write_atomically(target, write)
