@@ -1,7 +1,7 @@
 """Upstream ViT-Adapter configs and checkpoints -> vitadapter models.
 
 The only module that knows upstream's names: the mm-style ``model.backbone`` dicts of the
-segmentation and detection codebases and the checkpoint key layout (docs/upstream.md). It also reads
+segmentation and detection codebases and the checkpoint key layout. It also reads
 ``torch.save`` files and upstream's ``.zip`` release archives without running code from them, and
 turns every supported checkpoint layout (upstream's, vitadapter's own, a timm ImageNet ViT) into a
 ViTAdapter state dict.

@@ -1,4 +1,4 @@
-"""Injector, extractor and their ConvFFN: the two directions of ViT <-> pyramid exchange (SPEC §1.4)."""
+"""Injector, extractor and their ConvFFN: the two directions of ViT <-> pyramid exchange."""
 from __future__ import annotations
 
 from functools import partial

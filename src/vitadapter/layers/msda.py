@@ -1,4 +1,4 @@
-"""The multi-scale deformable attention module: projections around the op (SPEC §2)."""
+"""The multi-scale deformable attention module: projections around the op."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Multi-scale deformable attention as one torch op: ``vitadapter::ms_deform_attn``.
 
-Semantics (SPEC §2): per head, level and point, a bilinear sample of the value map at pixel
+Semantics: per head, level and point, a bilinear sample of the value map at pixel
 ``location * size - 0.5`` (corners off the map count as zero), weighted and summed; exactly
 ``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level.
 

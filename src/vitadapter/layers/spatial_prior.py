@@ -1,4 +1,4 @@
-"""Spatial prior module: a small conv stem that gives the adapter its stride 4-32 maps (SPEC §1.1)."""
+"""Spatial prior module: a small conv stem that gives the adapter its stride 4-32 maps."""
 from __future__ import annotations
 
 import torch

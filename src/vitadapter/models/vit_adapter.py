@@ -173,7 +173,8 @@ class ViTAdapter(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def init_adapter_weights(self) -> None:
-        """Upstream's initialisation of everything but the ViT (see docs/upstream.md)."""
+        """Upstream's initialisation of everything but the ViT: trunc-normal Linear, fan-out normal convs,
+        unit norms, N(0, 1) level embedding, and the deformable attention's own reset last."""
         for part in (self.spm, self.interactions, self.up):
             part.apply(_init_adapter_module)
         for m in self.modules():
@@ -597,7 +598,7 @@ def closest_architecture(model_args: Mapping[str, Any]) -> str:
 
 def _detection(depth: int) -> dict[str, Any]:
     """Upstream's detection flavour: final ViT feature on every level, 14x14 windows except the last
-    block of each interaction group (see docs/upstream.md)."""
+    block of each interaction group, as upstream's detection configs."""
     group = depth // 4
     windows = ([14] * (group - 1) + [None]) * 4
     return dict(vit_feature_source="final", window_size=windows)
