@@ -4,13 +4,15 @@ It serves bytes from memory on a daemon thread, shuts down when its ``with`` blo
 ``lifetime`` seconds, whichever comes first, and records every request. Hub file URLs
 (``/{org}/{name}/resolve/{revision}/{file}``) carry the headers huggingface_hub's download needs
 (``ETag``, ``X-Repo-Commit``, ``Content-Length``); missing Hub files answer 404 with the Hub's
-``X-Error-Code``.
+``X-Error-Code``. Unlucky networks on demand: paths that are never answered, and paths whose whole
+answer (status line and headers included) trickles out one byte at a time.
 """
 from __future__ import annotations
 
 import hashlib
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable, Mapping, Optional
 
@@ -20,7 +22,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 class LocalServer:
     """``files``: URL path -> content. ``redirects``: path -> path it redirects to (GitHub release
-    downloads redirect to a storage host). ``truncate``: paths whose GET sends half the bytes and closes."""
+    downloads redirect to a storage host). ``truncate``: paths whose GET sends half the bytes and closes.
+    ``stall``: paths whose requests are read and never answered. ``trickle``: paths whose answer is
+    sent one byte every ``trickle_interval`` seconds."""
 
     def __init__(
         self,
@@ -28,11 +32,16 @@ class LocalServer:
         redirects: Optional[Mapping[str, str]] = None,
         truncate: Iterable[str] = (),
         lifetime: float = 60.0,
+        stall: Iterable[str] = (),
+        trickle: Iterable[str] = (),
+        trickle_interval: float = 0.2,
     ):
         self.files = dict(files)
         self.redirects = dict(redirects or {})
         self.truncate = set(truncate)
+        self.stall, self.trickle, self.trickle_interval = set(stall), set(trickle), trickle_interval
         self.requests: list[tuple[str, str]] = []
+        self.closing = threading.Event()  # set on exit, so stalled and trickling answers end
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -50,6 +59,7 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closing.set()
         self._deadline.cancel()
         self._server.shutdown()
         self._server.server_close()
@@ -68,6 +78,25 @@ def _handler(server: LocalServer) -> type:
 
         def _answer(self, body: bool) -> None:
             server.requests.append((self.command, self.path))
+            if self.path in server.stall:
+                server.closing.wait()
+                self.close_connection = True
+                return
+            if self.path in server.trickle:
+                content = server.files[self.path]
+                head = "".join(f"{k}: {v}\r\n" for k, v in _content_headers(self.path, content).items())
+                answer = f"HTTP/1.1 200 OK\r\n{head}\r\n".encode() + (content if body else b"")
+                for i in range(len(answer)):
+                    if server.closing.is_set():
+                        break
+                    try:
+                        self.wfile.write(answer[i : i + 1])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        break
+                    time.sleep(server.trickle_interval)
+                self.close_connection = True
+                return
             if self.path in server.redirects:
                 self.send_response(302)
                 self.send_header("Location", server.redirects[self.path])
@@ -84,11 +113,8 @@ def _handler(server: LocalServer) -> type:
                 self.end_headers()
                 return
             self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(content)))
-            if HUB_FILE.match(self.path):
-                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
-                self.send_header("X-Repo-Commit", COMMIT)
+            for name, value in _content_headers(self.path, content).items():
+                self.send_header(name, value)
             self.end_headers()
             if body:
                 self.wfile.write(content[: len(content) // 2] if self.path in server.truncate else content)
@@ -98,3 +124,11 @@ def _handler(server: LocalServer) -> type:
             pass
 
     return Handler
+
+
+def _content_headers(path: str, content: bytes) -> dict[str, str]:
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(content))}
+    if HUB_FILE.match(path):
+        headers["ETag"] = f'"{hashlib.sha256(content).hexdigest()}"'
+        headers["X-Repo-Commit"] = COMMIT
+    return headers

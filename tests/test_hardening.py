@@ -2,16 +2,21 @@
 malformed checkpoints and configs, odd image dtypes. Servers run on 127.0.0.1 with short limits."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import vitadapter
 from conftest import FIXTURES
+from local_server import LocalServer
 from vitadapter import hub
 from vitadapter.cli import main
+from vitadapter.download import STALL_ENV, TIMEOUT_ENV, DownloadTimeout, Limits, download_limits
 
 CONVERT_CFG = json.loads((FIXTURES / "seg_upernet.json").read_text())
 
@@ -99,3 +104,122 @@ def test_a_convert_that_loses_the_race_for_its_destination_says_it_exists(tmp_pa
     assert str(dst) in err and "already exists" in err
     assert (dst / "config.json").read_text() == "{}"
     assert leftovers(tmp_path) == []
+
+
+# ---- downloads that cannot hang -------------------------------------------------------------------------
+
+RELEASE = "/czczup/ViT-Adapter/releases/download/v0.1.2/mask_rcnn_deit_adapter_tiny_fpn_3x_coco.pth.tar"
+TAG = "vit_adapter_t_det.deit_mask_rcnn_coco"
+
+
+def fetch_release(url: str, cache: Path, **kwargs):
+    """Load the tag from ``url``; returns (error raised, seconds it took)."""
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as caught:
+        vitadapter.create_model(TAG, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(url=url), **kwargs)
+    return caught.value, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "behaviour, env, kwargs, words",
+    [
+        # accepts the connection and never answers: nothing arrives within the stall window
+        ("stall", {STALL_ENV: "1"}, {}, "no data for 1 s|less than 64 KiB arrived in 1 s"),
+        # one byte every 50 ms, status line and headers included: too little in each window
+        ("trickle", {STALL_ENV: "1"}, {}, "less than 64 KiB arrived in 1 s"),
+        # enough to pass the minimum-progress rule of a long window, but over the deadline
+        ("trickle", {STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole download"),
+    ],
+)
+def test_stalled_and_trickling_release_servers_fail_within_the_limits(tmp_path, monkeypatch, behaviour, env, kwargs, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    content = (FIXTURES / "det_vit.pth").read_bytes()
+    with LocalServer({RELEASE: content}, trickle_interval=0.05, **{behaviour: [RELEASE]}) as server:
+        error, took = fetch_release(server.url + RELEASE, tmp_path / "cache", **kwargs)
+    limit = kwargs.get("timeout", float(env[STALL_ENV]))
+    assert limit <= took < limit + 5
+    message = str(error)
+    assert server.url + RELEASE in message and "pretrained_cfg_overlay=dict(file=PATH)" in message
+    assert re.search(words, message), message
+    assert isinstance(error.__cause__, DownloadTimeout)
+    seconds = float(re.search(r"stopped after ([0-9.]+) s", message)[1])
+    assert limit <= seconds <= took
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+# Loads in a fresh interpreter, as huggingface_hub reads HF_ENDPOINT when imported; prints what it raised.
+HUB_CHILD = """
+import sys, time
+import vitadapter
+
+for name in sys.argv[1:]:
+    start = time.monotonic()
+    try:
+        vitadapter.create_model(name, pretrained=True, depth=4)
+    except FileNotFoundError as e:
+        print(f"{time.monotonic() - start:.2f} {e}")
+"""
+
+
+def test_a_hub_endpoint_that_never_answers_fails_within_the_stall_window(tmp_path):
+    trunk = "/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors"
+    config = "/org/tiny/resolve/main/config.json"
+    with LocalServer({}, stall=[trunk, config]) as server:
+        env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hub"), **{STALL_ENV: "1"})
+        done = subprocess.run(
+            [sys.executable, "-c", HUB_CHILD, "vit_adapter_t", "hf-hub:org/tiny"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, (trunk, config)):
+        took, message = line.split(" ", 1)
+        assert 1 <= float(took) < 6, line
+        assert server.url + path in message and "stopped after" in message and STALL_ENV in message
+
+
+def test_download_limits_come_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, "120")
+    monkeypatch.setenv(STALL_ENV, "7.5")
+    assert download_limits() == Limits(120, 7.5) and download_limits(timeout=9) == Limits(9, 7.5)
+    monkeypatch.delenv(TIMEOUT_ENV)
+    monkeypatch.delenv(STALL_ENV)
+    assert download_limits().timeout > download_limits().stall > 0
+    for bad in (0, -1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            download_limits(timeout=bad)
+    monkeypatch.setenv(STALL_ENV, "soon")
+    with pytest.raises(ValueError, match=f"\\${STALL_ENV} must be a positive number of seconds, got 'soon'"):
+        download_limits()
+
+
+# Downloads the tag in a child that the test kills once its staging file is in the cache.
+DOWNLOAD_CHILD = """
+import sys
+import vitadapter
+
+vitadapter.create_model(sys.argv[1], pretrained=True, cache_dir=sys.argv[2], pretrained_cfg_overlay=dict(url=sys.argv[3]))
+"""
+
+
+def test_a_killed_download_leaves_staging_that_the_next_run_removes(tmp_path):
+    cache = tmp_path / "cache"
+    content = (FIXTURES / "det_vit.pth").read_bytes()
+    with LocalServer({RELEASE: content}, trickle=[RELEASE], trickle_interval=0.005) as server:
+        url = server.url + RELEASE
+        child = subprocess.Popen([sys.executable, "-c", DOWNLOAD_CHILD, TAG, str(cache), url])
+        try:
+            deadline = time.monotonic() + 120
+            while not (cache.is_dir() and leftovers(cache)) and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.05)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(timeout=60)
+    assert len(leftovers(cache)) == 1
+
+    with LocalServer({RELEASE: content}) as server:
+        path = hub.fetch_weights(dict(url=server.url + RELEASE), cache_dir=cache)
+    assert path.read_bytes() == content
+    assert [p.name for p in cache.iterdir()] == [path.name]

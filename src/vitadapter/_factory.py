@@ -26,12 +26,13 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     ``name`` is ``arch`` (its default tag's weights when ``pretrained``), ``arch.tag``,
     ``local-dir:FOLDER`` or ``hf-hub:org/name`` (folders written by ``save_pretrained``).
     ``pretrained_cfg_overlay=dict(file=PATH)`` loads a local file instead of the tag's source.
+    ``timeout=SECONDS`` bounds each download (default: $VITADAPTER_DOWNLOAD_TIMEOUT or one hour).
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     source, _ = parse_model_name(name)
     if source is not None:
-        architecture = hub.read_config(name, kwargs.get("cache_dir")).get("architecture")
+        architecture = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout")).get("architecture")
         if architecture not in list_models():
             known = ", ".join(list_models())
             raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")

@@ -11,21 +11,24 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import shutil
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url
-from huggingface_hub.utils import tqdm
+from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import build_hf_headers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 
 from .models.vit_adapter import ViTAdapter, closest_architecture
-from .staging import write_atomically
+from .download import DownloadError, Limits, Transfer, download_limits, open_url
+from .staging import remove_stale, write_atomically
 from .upstream import Conversion, load_checkpoint, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -88,15 +91,16 @@ def model_config(model: ViTAdapter, pretrained_cfg: Optional[Mapping[str, Any]] 
     }
 
 
-def read_config(name: str, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
-    """The ``config.json`` behind ``local-dir:FOLDER`` or ``hf-hub:org/name`` (Hub files are cached)."""
+def read_config(name: str, cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None) -> dict[str, Any]:
+    """The ``config.json`` behind ``local-dir:FOLDER`` or ``hf-hub:org/name`` (Hub files are cached;
+    ``timeout``: seconds for the download, see ``vitadapter.download``)."""
     source, location = parse_model_name(name)
     if source == "local-dir":
         path = Path(location) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{location} has no {CONFIG_NAME} (vitadapter.save_pretrained writes one)")
     else:
-        path = _from_hub(location, CONFIG_NAME, cache_dir, name)
+        path = _from_hub(location, CONFIG_NAME, cache_dir, name, timeout)
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -107,23 +111,29 @@ def read_config(name: str, cache_dir: Optional[PathLike] = None) -> dict[str, An
 
 
 def load_pretrained(
-    model: ViTAdapter, pretrained_cfg: Mapping[str, Any], cache_dir: Optional[PathLike] = None
+    model: ViTAdapter,
+    pretrained_cfg: Mapping[str, Any],
+    cache_dir: Optional[PathLike] = None,
+    timeout: Optional[float] = None,
 ) -> Conversion:
     """Fetch the weights ``pretrained_cfg`` points at (file, folder, Hub repo or URL) and load them."""
-    checkpoint = pretrained_cfg.get("state_dict") or read_weights(fetch_weights(pretrained_cfg, cache_dir))
+    checkpoint = pretrained_cfg.get("state_dict") or read_weights(fetch_weights(pretrained_cfg, cache_dir, timeout))
     return load_checkpoint(model, checkpoint)
 
 
-def fetch_weights(pretrained_cfg: Mapping[str, Any], cache_dir: Optional[PathLike] = None) -> Path:
+def fetch_weights(
+    pretrained_cfg: Mapping[str, Any], cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None
+) -> Path:
     """A local path to the weights of ``pretrained_cfg``, downloading into the cache when needed.
 
-    Precedence as in timm: an ``hf-hub`` source, a local file or folder, a Hub repo, a URL.
+    Precedence as in timm: an ``hf-hub`` source, a local file or folder, a Hub repo, a URL. Downloads
+    run under ``timeout`` seconds overall and a minimum-progress rule (``vitadapter.download``).
     """
     name = ".".join(filter(None, (pretrained_cfg.get("architecture"), pretrained_cfg.get("tag")))) or "this model"
     hub_id, file, url = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("file"), pretrained_cfg.get("url")
     filename = pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME
     if hub_id and pretrained_cfg.get("source") == "hf-hub":
-        return _from_hub(hub_id, filename, cache_dir, name)
+        return _from_hub(hub_id, filename, cache_dir, name, timeout)
     if file:
         path = Path(file)
         path = path / WEIGHTS_NAME if path.is_dir() else path
@@ -131,9 +141,9 @@ def fetch_weights(pretrained_cfg: Mapping[str, Any], cache_dir: Optional[PathLik
             raise FileNotFoundError(f"no weights file at {path} (given for {name})")
         return path
     if hub_id:
-        return _from_hub(hub_id, filename, cache_dir, name)
+        return _from_hub(hub_id, filename, cache_dir, name, timeout)
     if url:
-        return _from_url(url, cache_dir, name)
+        return _from_url(url, cache_dir, name, timeout)
     raise ValueError(f"no pretrained weights are registered for {name}; pass pretrained_cfg_overlay=dict(file=PATH)")
 
 
@@ -189,45 +199,107 @@ def _unavailable(name: str, where: str, error: Any) -> str:
     )
 
 
-def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], name: str) -> Path:
+def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], name: str, timeout: Optional[float]) -> Path:
+    """A Hub file, kept in huggingface_hub's cache layout (so the Hub client, timm and
+    ``HF_HUB_OFFLINE=1`` find it) but fetched by vitadapter's bounded download: ``hf_hub_download``
+    retries for minutes against a server that accepts connections and never answers."""
     repo, _, revision = hub_id.partition("@")
+    revision = revision or constants.DEFAULT_REVISION
+    _check_repo_path(filename, "file name")
+    _check_repo_path(revision, "revision")
+    url = hf_hub_url(repo, filename, revision=revision)
+    limits = download_limits(timeout)
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    if constants.HF_HUB_OFFLINE:
+        cached = _hub_cached(repo, filename, revision, cache)
+        if cached is None:
+            raise FileNotFoundError(_unavailable(name, url, "offline mode, and no cached copy"))
+        return cached
     try:
-        return Path(hf_hub_download(repo, filename, revision=revision or None, cache_dir=cache_dir))
-    except OSError as e:  # the Hub client's HTTP, offline and not-in-cache errors are all OSErrors
-        raise FileNotFoundError(_unavailable(name, hf_hub_url(repo, filename, revision=revision or None), e)) from e
+        return _hub_download(url, repo, filename, revision, cache, limits)
+    except (OSError, http.client.HTTPException) as e:
+        # as huggingface_hub does, a Hub that cannot be reached falls back on the cached copy
+        cached = _hub_cached(repo, filename, revision, cache)
+        if cached is None:
+            raise FileNotFoundError(_unavailable(name, url, e)) from e
+        return cached
 
 
-def _from_url(url: str, cache_dir: Optional[PathLike], name: str) -> Path:
+def _hub_download(url: str, repo: str, filename: str, revision: str, cache: Path, limits: Limits) -> Path:
+    """Download into the cache as huggingface_hub lays it out: ``blobs/ETAG``, a relative symlink to it
+    at ``snapshots/COMMIT/FILE`` and ``refs/REVISION`` holding the commit."""
+    storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
+    headers = build_hf_headers()
+    token = {k: headers.pop(k) for k in list(headers) if k.lower() == "authorization"}
+    with open_url(url, limits, headers=headers, private_headers=token) as transfer:
+        commit, etag = _hub_version(transfer)
+        pointer = storage / "snapshots" / commit / filename
+        if not pointer.is_file():
+            blob = storage / "blobs" / etag
+            if not blob.is_file():
+                transfer.save(blob)
+            _link(blob, pointer)
+    if revision != commit:
+        ref = storage / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(ref, lambda path: path.write_text(commit))
+    return pointer
+
+
+def _hub_version(transfer: Transfer) -> tuple[str, str]:
+    """(commit, blob id) of a Hub file, from the Hub's own response: for large files, the redirect to
+    the storage host, whose ``X-Linked-Etag`` names the blob."""
+    for headers in reversed(transfer.hops):
+        commit = headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
+        if commit:
+            etag = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_ETAG) or headers.get("ETag") or ""
+            etag = etag.removeprefix("W/").strip('"')
+            break
+    else:
+        raise DownloadError(f"{transfer.url} answered without the Hub's X-Repo-Commit header: is HF_ENDPOINT a Hub?")
+    # both become file names in the cache: nothing but a commit hash and a plain blob id is accepted
+    if not re.fullmatch(r"[0-9a-f]{40}", commit) or not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", etag):
+        raise DownloadError(f"{transfer.url} answered with an unexpected commit {commit!r} or ETag {etag!r}")
+    return commit, etag
+
+
+def _link(blob: Path, pointer: Path) -> None:
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    except FileExistsError:  # another process linked it first
+        pass
+    except OSError:  # no symlinks here (Windows without developer mode): a copy, as huggingface_hub makes
+        write_atomically(pointer, lambda path: shutil.copyfile(blob, path))
+
+
+def _hub_cached(repo: str, filename: str, revision: str, cache: Path) -> Optional[Path]:
+    cached = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _check_repo_path(value: str, what: str) -> None:
+    """A file name or revision from a config must stay inside the repo's cache folder."""
+    parts = value.replace("\\", "/").split("/")
+    if not value or value.startswith("/") or ".." in parts:
+        raise ValueError(f"Hub {what} {value!r} must be a relative path inside the repository")
+
+
+def _from_url(url: str, cache_dir: Optional[PathLike], name: str, timeout: Optional[float]) -> Path:
     folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    target = folder / Path(urllib.parse.urlparse(url).path).name
+    filename = Path(urllib.parse.urlparse(url).path).name
+    if filename in ("", ".", ".."):
+        raise ValueError(f"the weights URL {url!r} does not end in a file name")
+    target = folder / filename
+    limits = download_limits(timeout)
+    remove_stale(folder)
     if target.is_file():
         return target
     if constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(_unavailable(name, url, f"offline mode, and no cached copy at {target}"))
     try:
-        _download(url, target)
+        with open_url(url, limits) as transfer:
+            transfer.save(target)
     except (OSError, http.client.HTTPException) as e:
         raise FileNotFoundError(_unavailable(name, url, e)) from e
     return target
-
-
-def _download(url: str, target: Path) -> None:
-    """Stream ``url`` into ``target`` through a temporary file: a failed or short download never
-    lands in the cache (``Content-Length`` is checked, the connection may close early)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": "vitadapter"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length else None
-
-        def write(path: Path) -> None:
-            received = 0
-            with open(path, "wb") as out, tqdm(total=expected, unit="B", unit_scale=True, desc=target.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if expected is not None and received != expected:
-                raise ConnectionError(f"download incomplete: {received} of {expected} bytes")
-
-        write_atomically(target, write)

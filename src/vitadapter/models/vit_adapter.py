@@ -437,7 +437,7 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
     # Weights are loaded by vitadapter.hub rather than timm's loader: upstream files need a restricted
     # unpickler, .zip unpacking and key conversion. Loading happens inside the constructor callable so
     # that it precedes timm's features_only wrapping.
-    cache_dir = kwargs.pop("cache_dir", None)
+    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
     sourceless = not any(getattr(cfg, k, None) for k in ("url", "hf_hub_id", "file", "state_dict"))
@@ -450,7 +450,7 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
         if pretrained:
             from ..hub import load_pretrained  # hub imports this module, so it cannot be imported on top
 
-            load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir)
+            load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir, timeout=timeout)
         return model
 
     return build_model_with_cfg(
