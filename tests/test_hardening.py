@@ -6,7 +6,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 import vitadapter
 from conftest import FIXTURES
 from local_server import LocalServer
-from vitadapter import hub
+from vitadapter import hub, upstream
 from vitadapter.cli import main
 from vitadapter.download import STALL_ENV, TIMEOUT_ENV, DownloadTimeout, Limits, download_limits
 
@@ -223,3 +225,62 @@ def test_a_killed_download_leaves_staging_that_the_next_run_removes(tmp_path):
         path = hub.fetch_weights(dict(url=server.url + RELEASE), cache_dir=cache)
     assert path.read_bytes() == content
     assert [p.name for p in cache.iterdir()] == [path.name]
+
+
+# ---- archives ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """tempfile's folder, moved under tmp_path so a test can see what unpacking leaves in it."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def zip_with(path: Path, members: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
+    """``members``: name -> bytes, or an int for that many zeros, streamed so the test never holds them."""
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, content in members.items():
+            with archive.open(name, "w") as out:
+                if isinstance(content, int):
+                    for start in range(0, content, 1 << 20):
+                        out.write(bytes(min(1 << 20, content - start)))
+                else:
+                    out.write(content)
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(tmp_path, private_tmp):
+    declared = 256 << 20
+    bomb = zip_with(tmp_path / "release.zip", {"release/upernet.pth": declared})
+    assert bomb.stat().st_size * 100 < declared
+    with pytest.raises(ValueError, match=f"refusing to unpack .*release.zip: release/upernet.pth would take {declared} bytes, .* times its compressed size"):
+        vitadapter.load_upstream(CONVERT_CFG["backbone"], "segmentation", bomb)
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_archive_members_and_sizes_are_bounded(tmp_path, private_tmp, monkeypatch):
+    monkeypatch.setattr(upstream, "MAX_UNPACKED_BYTES", 1 << 20)
+    big = zip_with(tmp_path / "big.zip", {"big.pth": 2 << 20}, compression=zipfile.ZIP_STORED)
+    with pytest.raises(ValueError, match="big.pth would take 2097152 bytes, more than vitadapter's ceiling of 1048576"):
+        upstream.read_checkpoint(big)
+    monkeypatch.setattr(upstream, "MAX_ARCHIVE_MEMBERS", 3)
+    many = zip_with(tmp_path / "many.zip", {f"notes{i}.txt": b"x" for i in range(4)} | {"a.pth": b"x"})
+    with pytest.raises(ValueError, match="many.zip: it lists 5 members, more than the 3"):
+        upstream.read_checkpoint(many)
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_unreadable_files_never_suggest_loading_them_unsafely(tmp_path, private_tmp):
+    zeros = zip_with(tmp_path / "zeros.zip", {"zeros.pth": 1000})
+    (tmp_path / "zeros.pth").write_bytes(bytes(1000))
+    for path in (zeros, tmp_path / "zeros.pth"):
+        with pytest.raises(ValueError, match="could not read .*zeros.* not a checkpoint") as caught:
+            upstream.read_checkpoint(path)
+        assert "weights_only" not in str(caught.value) and caught.value.__cause__ is None
+    # the release fixture, unpacked and read: nothing stays in the temporary folder either
+    good = zip_with(tmp_path / "good.zip", {"good.pth": (FIXTURES / "seg_vit.pth").read_bytes()})
+    assert "state_dict" in upstream.read_checkpoint(good)
+    assert list(private_tmp.iterdir()) == []

@@ -25,6 +25,7 @@ from timm.models.eva import checkpoint_filter_fn as eva_filter
 
 from .converters import dinov2, dinov3
 from .models.vit_adapter import ViTAdapter
+from .staging import staging_folder
 from .trunks import trunk_state_from_timm
 from .trunks.beit import beit_state_for
 
@@ -254,8 +255,9 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if _is_release_archive(path):
-        with tempfile.TemporaryDirectory() as folder:
-            return _read_torch_file(_extract_checkpoint(path, Path(folder)), shown=path)
+        # a staging folder, so that a killed run's unpacked copy is removed by the next one
+        with staging_folder(Path(tempfile.gettempdir()) / "vitadapter-unpacked") as folder:
+            return _read_torch_file(_extract_checkpoint(path, folder), shown=path)
     return _read_torch_file(path, shown=path)
 
 
@@ -398,6 +400,13 @@ def _as_int_size(size: Any) -> int:
 # ---- reading torch.save files without running code ------------------------------------------------
 
 _CHECKPOINT_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin")
+# Bounds on unpacking a release .zip (its one checkpoint is a few hundred MB to a few GB of weights,
+# which deflate barely shrinks; a 3 MB archive can declare 3 GiB of zeros): the member count, the
+# checkpoint's declared size, and its compression ratio once it is large enough to matter.
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_UNPACKED_BYTES = 16 << 30
+MAX_COMPRESSION_RATIO = 20
+_ANY_RATIO_BELOW = 64 << 20
 # Globals a state dict needs (tensor and parameter rebuilding, containers); both spellings of the
 # builtins module because protocol-2 pickles, torch.save's default, write "__builtin__".
 _SAFE_GLOBALS = frozenset({
@@ -466,7 +475,11 @@ def _read_torch_file(path: Path, shown: Path) -> Any:
             # ``meta``; the restricted unpickler reads them as inert placeholders instead.
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except Exception as e:  # a damaged file fails in any of pickle's, zip's or torch's error types
-        raise ValueError(f"could not read {shown}: it is truncated, corrupt or not a checkpoint ({e})") from e
+        # Not chained, and only the error's first line: torch's messages advise re-running with
+        # weights_only=False, which would run code from the file.
+        line = next(iter(str(e).strip().splitlines()), "")
+        reason = type(e).__name__ + ("" if "weights_only" in line or not line else f": {line[:200]}")
+        raise ValueError(f"could not read {shown}: it is truncated, corrupt or not a checkpoint ({reason})") from None
 
 
 def _is_release_archive(path: Path) -> bool:
@@ -481,14 +494,25 @@ def _is_release_archive(path: Path) -> bool:
 
 
 def _extract_checkpoint(archive_path: Path, folder: Path) -> Path:
-    """The one checkpoint file inside an upstream ``.zip`` release, extracted into ``folder``."""
+    """The one checkpoint file inside an upstream ``.zip`` release, extracted into ``folder``.
+
+    Nothing else is extracted, and that file only within bounds (``_check_unpacked_size``); zipfile
+    stops reading a member at the size the archive declares for it and checks its CRC.
+    """
     try:
         with zipfile.ZipFile(archive_path) as archive:
-            members = [m for m in archive.infolist() if m.filename.endswith(_CHECKPOINT_SUFFIXES)]
+            infos = archive.infolist()
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise ValueError(
+                    f"refusing to unpack {archive_path}: it lists {len(infos)} members, more than the "
+                    f"{MAX_ARCHIVE_MEMBERS} a release archive is allowed"
+                )
+            members = [m for m in infos if m.filename.endswith(_CHECKPOINT_SUFFIXES)]
             if len(members) != 1:
-                names = ", ".join(m.filename for m in archive.infolist()[:5]) or "nothing"
+                names = ", ".join(m.filename for m in infos[:5]) or "nothing"
                 kinds = "/".join(_CHECKPOINT_SUFFIXES)
                 raise ValueError(f"{archive_path} should hold exactly one checkpoint ({kinds}), it holds {names}")
+            _check_unpacked_size(archive_path, members[0], folder)
             # only the base name is used, so member paths cannot point outside ``folder``
             target = folder / Path(members[0].filename).name
             with archive.open(members[0]) as source, open(target, "wb") as out:
@@ -496,3 +520,17 @@ def _extract_checkpoint(archive_path: Path, folder: Path) -> Path:
     except (zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"could not unpack {archive_path}: the zip archive is truncated or corrupt ({e})") from e
     return target
+
+
+def _check_unpacked_size(archive_path: Path, member: zipfile.ZipInfo, folder: Path) -> None:
+    size, packed = member.file_size, member.compress_size
+    free = shutil.disk_usage(folder).free
+    if size > MAX_UNPACKED_BYTES:
+        problem = f"more than vitadapter's ceiling of {MAX_UNPACKED_BYTES} bytes"
+    elif size > _ANY_RATIO_BELOW and size > MAX_COMPRESSION_RATIO * packed:
+        problem = f"{size // max(packed, 1)} times its compressed size, while weights barely compress"
+    elif size > free:
+        problem = f"more than the {free} bytes free in {folder}"
+    else:
+        return
+    raise ValueError(f"refusing to unpack {archive_path}: {member.filename} would take {size} bytes, {problem}")
