@@ -12,6 +12,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+from safetensors.torch import save_file
 
 import vitadapter
 from conftest import FIXTURES
@@ -284,3 +287,65 @@ def test_unreadable_files_never_suggest_loading_them_unsafely(tmp_path, private_
     good = zip_with(tmp_path / "good.zip", {"good.pth": (FIXTURES / "seg_vit.pth").read_bytes()})
     assert "state_dict" in upstream.read_checkpoint(good)
     assert list(private_tmp.iterdir()) == []
+
+
+# ---- malformed checkpoints -----------------------------------------------------------------------------
+
+
+def upernet_state() -> dict:
+    return torch.load(FIXTURES / "seg_upernet.pth", weights_only=True)["state_dict"]
+
+
+def with_entry(key, value) -> dict:
+    return {"state_dict": {**upernet_state(), key: value}}
+
+
+QKV = "backbone.blocks.0.attn.qkv.weight"
+MALFORMED = {
+    "int-key": (lambda: {"state_dict": {**upernet_state(), 7: torch.zeros(1)}}, r"checkpoint key 7 is a int, not a string"),
+    "0-d-matrix": (lambda: with_entry("backbone.patch_embed.proj.weight", torch.tensor(1.0)),
+                   r"shape mismatches: vit.patch_embed.proj.weight: checkpoint \(\) vs model \(96, 3, 16, 16\)"),
+    "1-d-matrix": (lambda: with_entry(QKV, torch.zeros(288)), r"vit.blocks.0.attn.qkv.weight: checkpoint \(288,\) vs model \(288, 96\)"),
+    "0-d-token": (lambda: {**tiny_timm_state(), "cls_token": torch.tensor(0.0)}, r"'cls_token' has shape \(\), expected \(1, tokens, width\)"),
+    "1-d-grid": (lambda: with_entry("backbone.pos_embed", torch.zeros(7)), r"'pos_embed' has shape \(7,\)"),
+    "tensor": (lambda: torch.zeros(3, 3), "holds a Tensor"),
+    "list": (lambda: [torch.zeros(3)], "holds a list"),
+    # a path to a good checkpoint: content, never a file to follow
+    "string": (lambda: str(FIXTURES / "seg_upernet.pth"), "holds a str"),
+    "not-a-tensor": (lambda: with_entry(QKV, [1.0, 2.0]), r"entry 'blocks.0.attn.qkv.weight' is not a tensor \(list\)"),
+    "integers": (lambda: with_entry(QKV, upernet_state()[QKV].long()),
+                 r"dtype mismatches: vit.blocks.0.attn.qkv.weight: checkpoint torch.int64 vs model torch.float32"),
+    "nan": (lambda: with_entry(QKV, upernet_state()[QKV].clone().fill_(float("nan"))),
+            r"NaN or infinite values: vit.blocks.0.attn.qkv.weight"),
+    "inf": (lambda: with_entry("backbone.level_embed", torch.full((3, 96), float("inf"))), r"NaN or infinite values: level_embed"),
+}
+
+
+def tiny_timm_state() -> dict:
+    """A timm ViT checkpoint of the fixture's width (its prefix tokens are what the conversion reads)."""
+    return timm.create_model("vit_tiny_patch16_224", embed_dim=96, depth=4, num_heads=3).state_dict()
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_checkpoints_are_refused_naming_the_key_and_the_problem(tmp_path, capsys, case):
+    make, words = MALFORMED[case]
+    path = tmp_path / "bad.pth"
+    torch.save(make(), path)
+    with pytest.raises(ValueError, match=words):
+        vitadapter.load_upstream(CONVERT_CFG["backbone"], "segmentation", path)
+    dst = tmp_path / "converted"
+    assert main(["convert", str(path), str(dst), "--upstream-config", str(upstream_config(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert re.search(words, err.strip().splitlines()[-1])  # one line (the progress bar may precede it)
+    assert not dst.exists() and leftovers(tmp_path) == []
+
+
+def test_malformed_safetensors_weights_are_refused_too(tmp_path):
+    model = vitadapter.load_upstream(CONVERT_CFG["backbone"], "segmentation")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["vit.blocks.1.mlp.fc1.weight"] = state["vit.blocks.1.mlp.fc1.weight"].to(torch.int32)
+    state["vit.blocks.2.mlp.fc2.bias"] = torch.full_like(state["vit.blocks.2.mlp.fc2.bias"], float("-inf"))
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="vit.blocks.1.mlp.fc1.weight: checkpoint torch.int32.*NaN or infinite values: vit.blocks.2.mlp.fc2.bias"):
+        vitadapter.create_model("vit_adapter_s", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
+                                **upstream.upstream_kwargs(CONVERT_CFG["backbone"], "segmentation"))

@@ -236,7 +236,7 @@ class Conversion(NamedTuple):
 
 def load_checkpoint(model: ViTAdapter, checkpoint: Checkpoint) -> Conversion:
     """Load a checkpoint (path or dict, any supported layout) into ``model``, strictly."""
-    if not isinstance(checkpoint, Mapping):
+    if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
     conversion = convert_checkpoint(checkpoint, model)
     check_state_dict(model, conversion.state)
@@ -244,12 +244,13 @@ def load_checkpoint(model: ViTAdapter, checkpoint: Checkpoint) -> Conversion:
     return conversion
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
+def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[Any, Any]:
     """Read a ``torch.save`` file (``.pth``, ``.pth.tar``) or an upstream ``.zip`` release around one.
 
     Nothing in the file runs: ``weights_only=True`` first, and files whose ``meta`` pickles other
     objects (mmcv configs, numpy scalars) are read with an unpickler that resolves only tensor-building
-    globals and turns every other global into an inert placeholder (README, "Security").
+    globals and turns every other global into an inert placeholder (README, "Security"). A file that
+    holds anything but a dict (a tensor, a list, a string) is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -257,8 +258,8 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
     if _is_release_archive(path):
         # a staging folder, so that a killed run's unpacked copy is removed by the next one
         with staging_folder(Path(tempfile.gettempdir()) / "vitadapter-unpacked") as folder:
-            return _read_torch_file(_extract_checkpoint(path, folder), shown=path)
-    return _read_torch_file(path, shown=path)
+            return _as_dict(_read_torch_file(_extract_checkpoint(path, folder), shown=path), path)
+    return _as_dict(_read_torch_file(path, shown=path), path)
 
 
 def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conversion:
@@ -268,12 +269,7 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
     ``backbone.`` prefix, heads) and a timm checkpoint of the trunk's family (the trunk only: the
     adapter keeps its fresh upstream initialisation).
     """
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"a checkpoint must hold a dict of tensors, this one holds a {type(checkpoint).__name__}")
-    state, dropped = _unwrap(checkpoint)
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
+    state, dropped = _unwrap(_as_dict(checkpoint, "this checkpoint"))
     beit_state = any(".relative_position_bias_table" in k or k.endswith((".q_bias", ".v_bias")) for k in state)
     if beit_state and not isinstance(model.vit, Beit):
         raise ValueError(
@@ -301,17 +297,31 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Raise a ``ValueError`` naming every missing, unexpected or mis-shaped key."""
+    """Raise a ``ValueError`` naming every missing, unexpected, mis-shaped or mistyped key, and every
+    tensor holding NaN or infinite values (loading would cast integers and keep NaNs silently)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    shared = sorted(set(state) & set(expected))
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
+        for k in shared
         if state[k].shape != expected[k].shape
     ]
+    mistyped = [
+        f"{k}: checkpoint {state[k].dtype} vs model {expected[k].dtype}"
+        for k in shared
+        if _kind(state[k]) != _kind(expected[k])
+    ]
+    non_finite = [k for k in shared if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
     problems = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+        ("dtype mismatches", mistyped),
+        ("NaN or infinite values", non_finite),
+    ):
         if items:
             shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
             problems.append(f"{title}: {shown}")
@@ -322,10 +332,10 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
 def _size_hint(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
     """Say which size differs, so the fix (another architecture) is obvious."""
     width, pos = "vit.patch_embed.proj.weight", "vit.pos_embed"
-    if width in state and state[width].shape[0] != expected[width].shape[0]:
+    if width in state and state[width].dim() == 4 and state[width].shape[0] != expected[width].shape[0]:
         theirs, ours = state[width].shape[0], expected[width].shape[0]
         return f" (a {theirs}-wide ViT, the model's is {ours} wide: use the matching architecture)"
-    if pos in state and state[pos].shape != expected[pos].shape:
+    if pos in state and state[pos].dim() == 3 and state[pos].shape != expected[pos].shape:
         theirs, ours = _grid(state[pos].shape[1]), _grid(expected[pos].shape[1])
         return f" (a {theirs} position grid, the model's is {ours}: pretrain_size differs)"
     return ""
@@ -336,19 +346,50 @@ def _grid(cells: int) -> str:
     return f"{side}x{side}" if side * side == cells else f"{cells}-cell"
 
 
-def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict inside a checkpoint: ``state_dict``/``model`` wrappers and ``module.`` prefixes
-    go; when keys carry ``backbone.``, the rest (task heads, necks) is dropped. Returns (state, dropped)."""
+    go; when keys carry ``backbone.``, the rest (task heads, necks) is dropped. Returns (state, dropped),
+    the kept entries checked by ``_check_entry``."""
     state = checkpoint
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
             break
+    for key in state:
+        if not isinstance(key, str):
+            raise ValueError(f"checkpoint key {key!r} is a {type(key).__name__}, not a string")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if not any(k.startswith("backbone.") for k in state):
-        return state, []
-    kept = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    return kept, sorted(k for k in state if not k.startswith("backbone."))
+    dropped = []
+    if any(k.startswith("backbone.") for k in state):
+        dropped = sorted(k for k in state if not k.startswith("backbone."))
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    for key, value in state.items():
+        _check_entry(key, value)
+    return state, dropped
+
+
+# Tensors whose shapes the conversion reads (prefix tokens and the position grid): (1, tokens, width).
+_TOKEN_TENSORS = ("pos_embed", "cls_token", "dist_token", "reg_token")
+
+
+def _check_entry(key: str, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
+    if value.layout is not torch.strided:
+        raise ValueError(f"checkpoint entry {key!r} is a {value.layout} tensor; only dense tensors load")
+    if key in _TOKEN_TENSORS and value.dim() != 3:
+        raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, expected (1, tokens, width)")
+
+
+def _as_dict(checkpoint: Any, source: Any) -> Mapping[Any, Any]:
+    """What a checkpoint holds must be a dict: a string in it is content, never a path to follow."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"a checkpoint must hold a dict of tensors; {source} holds a {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _kind(tensor: torch.Tensor) -> tuple[bool, bool, bool]:
+    return tensor.is_floating_point(), tensor.is_complex(), tensor.dtype == torch.bool
 
 
 def _upstream_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
