@@ -349,3 +349,86 @@ def test_malformed_safetensors_weights_are_refused_too(tmp_path):
     with pytest.raises(ValueError, match="vit.blocks.1.mlp.fc1.weight: checkpoint torch.int32.*NaN or infinite values: vit.blocks.2.mlp.fc2.bias"):
         vitadapter.create_model("vit_adapter_s", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
                                 **upstream.upstream_kwargs(CONVERT_CFG["backbone"], "segmentation"))
+
+
+# ---- configs ----------------------------------------------------------------------------------------------
+
+TINY = dict(embed_dim=48, depth=4, num_heads=3, deform_num_heads=3, conv_inplane=8)
+# (model_args changes, pretrained_cfg changes, words the error must hold)
+BAD_CONFIG_JSON = {
+    "zero-heads": (dict(num_heads=0), {}, "model_args.num_heads must be an integer from 1 to"),
+    "string-width": (dict(embed_dim="48"), {}, "model_args.embed_dim must be an integer"),
+    "deep": (dict(depth=100_000), {}, "model_args.depth must be an integer from 1 to 64, got 100000"),
+    "indivisible": (dict(num_heads=5), {}, "model_args.num_heads 5 does not divide embed_dim 48"),
+    "deform-indivisible": (dict(deform_num_heads=7), {}, r"model_args.deform_num_heads 7 does not divide embed_dim x deform_ratio \(48\)"),
+    "window-zero": (dict(window_size=[0, None, None, None]), {}, "model_args.window_size must list one window"),
+    "window-count": (dict(window_size=[7, None, None]), {}, "model_args.window_size lists 3 windows for 4 blocks"),
+    "nan-ratio": (dict(mlp_ratio=float("nan")), {}, "model_args.mlp_ratio must be a number above 0"),
+    "drop-path": (dict(drop_path_rate=1.5), {}, "model_args.drop_path_rate must be a number from 0 to 1"),
+    "huge": (dict(embed_dim=4096, depth=64, num_heads=16, deform_num_heads=16), {}, r"model_args.embed_dim 4096 with depth 64 .* B parameters"),
+    "unknown": (dict(frobnicate=1), {}, "unknown model argument.*model_args.frobnicate"),
+    "ranges": (dict(interaction_indexes=[[0, 0]] * 100), {}, "model_args.interaction_indexes must list 1 to 64"),
+    "trunk-depth": (dict(trunk="vit_small_patch16_224", trunk_kwargs=dict(depth=10_000)), {},
+                    "model_args.trunk_kwargs.depth must be an integer from 1 to 64"),
+    "trunk-download": (dict(trunk="vit_small_patch16_224", pretrained_trunk=True), {}, "model_args.pretrained_trunk must be false"),
+    "flag": (dict(with_cffn="yes"), {}, "model_args.with_cffn must be true or false"),
+    "short-mean": ({}, dict(mean=[0.5, 0.5]), r"pretrained_cfg.mean must be 3 numbers"),
+    "zero-std": ({}, dict(std=[0.0, 1.0, 1.0]), r"pretrained_cfg.std must be 3 positive numbers"),
+    "input-size": ({}, dict(input_size=[3, -1, 512]), r"pretrained_cfg.input_size must be \[channels, height, width\]"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "tiny"
+    hub.save_pretrained(vitadapter.create_model("vit_adapter_t", **TINY), folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG_JSON))
+def test_bad_config_json_values_are_named_before_anything_is_built(saved_tiny, tmp_path, capsys, case):
+    model_args, pretrained_cfg, words = BAD_CONFIG_JSON[case]
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    config = json.loads((saved_tiny / "config.json").read_text())
+    config["model_args"].update(model_args)
+    config["pretrained_cfg"].update(pretrained_cfg)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").symlink_to(saved_tiny / "model.safetensors")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"local-dir:{folder} config.json: {words}"):
+        vitadapter.create_model(f"local-dir:{folder}", pretrained=True)
+    assert time.monotonic() - start < 5
+    assert main(["features", "--model", f"local-dir:{folder}", "--pretrained", "--out", str(tmp_path / "p.png")]) == 2
+    assert re.search(words, capsys.readouterr().err)
+
+
+BAD_UPSTREAM = {
+    "zero-heads": (dict(num_heads=0), {}, "num_heads must be an integer from 1"),
+    "zero-depth": (dict(depth=0), {}, "depth must be an integer from 1 to 64, got 0"),
+    "deep": (dict(depth=1_000_000, interaction_indexes=None), {}, "depth must be an integer from 1 to 64"),
+    "indivisible": (dict(embed_dim=100), {}, "num_heads 3 does not divide embed_dim 100"),
+    "window-size": (dict(window_attn=True, window_size="big"), {}, "window_size must list one window"),
+    "window-flag": (dict(window_attn="yes"), {}, "window_attn must be true/false"),
+    "img-size": (dict(img_size="224"), {}, "img_size must be an integer"),
+    "huge": (dict(embed_dim=4096, depth=64, num_heads=16, deform_num_heads=16, interaction_indexes=None, window_attn=None,
+                  window_size=None), {}, "embed_dim 4096 with depth 64 .* B parameters"),
+    "short-mean": ({}, dict(mean=[0.5, 0.5]), "pretrained_cfg.mean must be 3 numbers"),
+    "string-std": ({}, dict(std="0.5"), "pretrained_cfg.std must be 3 positive numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPSTREAM))
+def test_bad_upstream_config_values_are_named_before_anything_is_built(tmp_path, capsys, case):
+    changes, pretrained_cfg, words = BAD_UPSTREAM[case]
+    backbone = {k: v for k, v in {**CONVERT_CFG["backbone"], **changes}.items() if v is not None}
+    config = upstream_config(tmp_path, backbone, pretrained_cfg=pretrained_cfg)
+    dst = tmp_path / "converted"
+    start = time.monotonic()
+    assert main(["convert", str(FIXTURES / "seg_upernet.pth"), str(dst), "--upstream-config", str(config)]) == 2
+    assert time.monotonic() - start < 5
+    assert re.search(words, capsys.readouterr().err.strip().splitlines()[-1])
+    assert not dst.exists()
+    if not pretrained_cfg:
+        with pytest.raises(ValueError, match=words):
+            vitadapter.load_upstream(backbone, "segmentation")

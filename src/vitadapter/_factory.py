@@ -8,6 +8,8 @@ from timm.models import parse_model_name
 from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
+from .config_checks import check_config_json
+
 
 def list_models(pattern: str = "") -> list[str]:
     """Registered vitadapter architectures, optionally filtered by a glob ``pattern``."""
@@ -32,10 +34,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     source, _ = parse_model_name(name)
     if source is not None:
-        architecture = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout")).get("architecture")
-        if architecture not in list_models():
+        config = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
+        architecture = config.get("architecture")
+        if not isinstance(architecture, str) or architecture not in list_models():
             known = ", ".join(list_models())
             raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
+        check_config_json(config, f"{name} {hub.CONFIG_NAME}")
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():

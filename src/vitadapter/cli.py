@@ -16,9 +16,10 @@ from huggingface_hub.utils import tqdm
 from PIL import Image, UnidentifiedImageError
 
 from . import __version__, create_model, list_models, list_pretrained, load_upstream
+from .config_checks import check_pretrained_cfg, input_channels
 from .hub import read_weights, save_pretrained
 from .staging import staging_folder
-from .upstream import Conversion, load_checkpoint
+from .upstream import Conversion, load_checkpoint, model_kwargs
 from .visualize import pyramid_picture
 
 
@@ -141,6 +142,9 @@ def _model_to_convert(args: argparse.Namespace) -> tuple[torch.nn.Module, Option
     unknown = sorted(set(spec) - {"codebase", "backbone", "pretrained_cfg"})
     if unknown:
         raise ValueError(f"{path} has unknown entries: {', '.join(unknown)}")
+    # every value is checked before the model is built
+    channels = input_channels(model_kwargs(spec["backbone"], spec["codebase"]))
+    check_pretrained_cfg(spec.get("pretrained_cfg", {}), str(path), channels)
     return load_upstream(spec["backbone"], spec["codebase"]), spec.get("pretrained_cfg")
 
 

@@ -23,6 +23,7 @@ from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_filter
 
+from .config_checks import check_fields, check_model_args, upstream_defaults
 from .converters import dinov2, dinov3
 from .models.vit_adapter import ViTAdapter
 from .staging import staging_folder
@@ -67,13 +68,8 @@ def load_upstream(
     accepted; upstream's ``backbone.`` prefix is stripped and head keys dropped). ``with_cp`` turns
     on activation checkpointing as the config asks.
     """
-    if codebase not in CODEBASES:
-        raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
-    if not isinstance(backbone_cfg, Mapping):
-        raise TypeError(f"config must be a dict, got {type(backbone_cfg).__name__}")
     foreign = _FOREIGN.get(codebase)
-    kwargs = foreign.adapter_kwargs(backbone_cfg) if foreign else upstream_kwargs(backbone_cfg, codebase)
-    model = ViTAdapter(**kwargs)
+    model = ViTAdapter(**model_kwargs(backbone_cfg, codebase))
     if backbone_cfg.get("with_cp") or backbone_cfg.get("adapter", {}).get("with_cp"):
         model.set_grad_checkpointing(True)
     if checkpoint is not None:
@@ -85,6 +81,23 @@ def load_upstream(
             check_state_dict(model, state)
             model.load_state_dict(state)
     return model
+
+
+def model_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str, Any]:
+    """The ``ViTAdapter`` keyword arguments of a foreign adapter config (``codebase`` as in
+    ``load_upstream``), every value checked (``vitadapter.config_checks``) before anything is built."""
+    if codebase not in CODEBASES:
+        raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
+    if not isinstance(backbone_cfg, Mapping):
+        raise TypeError(f"config must be a dict, got {type(backbone_cfg).__name__}")
+    foreign = _FOREIGN.get(codebase)
+    kwargs = foreign.adapter_kwargs(backbone_cfg) if foreign else upstream_kwargs(backbone_cfg, codebase)
+    check_model_args(kwargs, _source(codebase), defaults=upstream_defaults())
+    return kwargs
+
+
+def _source(codebase: str) -> str:
+    return f"the {codebase} backbone config"
 
 
 def _foreign_state(checkpoint: Checkpoint, codebase: str) -> dict[str, Any]:
@@ -114,6 +127,8 @@ def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str,
     if codebase not in CODEBASES:
         raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
     cfg = dict(backbone_cfg)
+    # before the translation below uses a value (depth expands window lists): bad ones are named
+    check_fields(cfg, _source(codebase))
     kind = cfg.pop("type", "ViTAdapter")
     if kind not in ("ViTAdapter", "BEiTAdapter"):
         raise ValueError(f"backbone type {kind!r} is not supported (supported: 'ViTAdapter', 'BEiTAdapter')")
@@ -221,9 +236,11 @@ def _windows(cfg: dict[str, Any], depth: int) -> Optional[list[Optional[int]]]:
     """Per-block windows from upstream's ``window_attn``/``window_size`` (``None``: none asked)."""
     window_attn = _per_block(cfg.pop("window_attn", False), depth, "window_attn")
     window_size = _per_block(cfg.pop("window_size", 14), depth, "window_size")
+    if not all(isinstance(on, bool) for on in window_attn):
+        raise ValueError(f"window_attn must be true/false, or a list of them per block, got {window_attn!r}")
     if not any(window_attn):
         return None
-    return [int(s) if on else None for on, s in zip(window_attn, window_size)]
+    return [s if on else None for on, s in zip(window_attn, window_size)]  # sizes checked with the rest
 
 
 class Conversion(NamedTuple):
@@ -431,11 +448,13 @@ def _per_block(value: Any, depth: int, name: str) -> list:
 
 
 def _as_int_size(size: Any) -> int:
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        if size[0] != size[1]:
             raise ValueError(f"non-square img_size {size} is not supported")
         size = size[0]
-    return int(size)
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"img_size must be an integer or [height, width], got {size!r}")
+    return size
 
 
 # ---- reading torch.save files without running code ------------------------------------------------
