@@ -432,3 +432,42 @@ def test_bad_upstream_config_values_are_named_before_anything_is_built(tmp_path,
     if not pretrained_cfg:
         with pytest.raises(ValueError, match=words):
             vitadapter.load_upstream(backbone, "segmentation")
+
+
+# ---- odd inputs ---------------------------------------------------------------------------------------------
+
+
+def tiny_model():
+    return vitadapter.create_model("vit_adapter_t", **TINY).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_another_float_dtype_are_cast_to_the_models(dtype):
+    model, image = tiny_model(), torch.randn(1, 3, 64, 96).to(dtype)
+    with torch.no_grad():
+        levels = model(image)
+        reference = model(image.to(torch.float32))
+    for level, ref in zip(levels, reference):
+        assert level.dtype == torch.float32 and torch.equal(level, ref)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_an_empty_batch_gives_empty_levels_of_the_usual_shapes(training):
+    model = tiny_model().train(training)
+    with torch.no_grad():
+        full = model.eval()(torch.randn(1, 3, 70, 50))
+    levels = model.train(training)(torch.randn(0, 3, 70, 50))
+    for level, ref in zip(levels, full):
+        assert level.shape == (0, *ref.shape[1:]) and level.dtype == ref.dtype
+        assert level.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cpu_bf16_autocast_returns_every_level_in_the_models_dtype():
+    model, image = tiny_model(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        levels = model(image)
+    with torch.no_grad():
+        reference = model(image)
+    assert {level.dtype for level in levels} == {torch.float32}
+    for level, ref in zip(levels, reference):
+        assert level.shape == ref.shape and torch.isfinite(level).all()

@@ -194,13 +194,20 @@ class ViTAdapter(nn.Module):
         """Image (B, C, h, w) -> four (B, D, ceil(h/s), ceil(w/s)) maps for s = 4, 8, 16, 32.
 
         The maps are in ``torch.channels_last`` memory format (the layout they are computed in);
-        use ``.reshape`` rather than ``.view`` on them, or ``.contiguous()`` for NCHW strides.
+        use ``.reshape`` rather than ``.view`` on them, or ``.contiguous()`` for NCHW strides. An image
+        of another floating dtype is cast to the model's; the maps come back in the model's dtype,
+        under autocast too; an empty batch gives empty maps. In training, the zero padding up to a
+        multiple of 32 counts toward the BatchNorm statistics, as the padding of upstream's data
+        pipelines does.
         """
         return self.forward_features(x)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._check_input(x)
+        x = self._prepare_input(x)
         h, w = x.shape[-2:]
+        if not x.shape[0]:
+            empty = [x.new_zeros(0, self.embed_dim, math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
+            return [level.contiguous(memory_format=torch.channels_last) for level in empty]
         x = F.pad(x, (0, -w % SIZE_DIVISOR, 0, -h % SIZE_DIVISOR)).contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
 
@@ -237,8 +244,9 @@ class ViTAdapter(nn.Module):
             feats = [self._vit_map(t, vit_grid, level.shape[-2:]) for t, level in zip(vit_maps, levels)]
             levels = [c1.add_(feats[0])] + [level + feat for level, feat in zip(levels[1:], feats[1:])]
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
+        # under autocast the levels leave their last ops in different dtypes: one for all four
         return [
-            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)]
+            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)].to(x.dtype)
             for norm, level, s in zip(norms, levels, STRIDES)
         ]
 
@@ -265,7 +273,8 @@ class ViTAdapter(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The checked image batch, in the model's floating dtype."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"ViTAdapter expects a torch.Tensor image batch, got {type(x).__name__}")
         if x.dim() != 4:
@@ -276,6 +285,7 @@ class ViTAdapter(nn.Module):
             raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         if min(x.shape[-2:]) < MIN_SIZE:
             raise ValueError(f"image must be at least {MIN_SIZE}x{MIN_SIZE}, got {x.shape[-2]}x{x.shape[-1]}")
+        return x.to(self.level_embed.dtype)
 
     # ---- timm integration ------------------------------------------------------------------------
 
