@@ -155,31 +155,35 @@ def test_stalled_and_trickling_release_servers_fail_within_the_limits(tmp_path, 
 
 # Loads in a fresh interpreter, as huggingface_hub reads HF_ENDPOINT when imported; prints what it raised.
 HUB_CHILD = """
-import sys, time
+import json, sys, time
 import vitadapter
 
-for name in sys.argv[1:]:
+for name, kwargs in json.loads(sys.argv[1]):
     start = time.monotonic()
     try:
-        vitadapter.create_model(name, pretrained=True, depth=4)
+        vitadapter.create_model(name, pretrained=True, **kwargs)
     except FileNotFoundError as e:
         print(f"{time.monotonic() - start:.2f} {e}")
 """
+# what is loaded, and the Hub file its download asks for: a registered tag's ImageNet trunk, a Hub
+# folder's config.json, and a timm trunk's weights (timm's own download has no deadline)
+HUB_LOADS = [
+    ("vit_adapter_t", dict(depth=4), "/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors"),
+    ("hf-hub:org/tiny", {}, "/org/tiny/resolve/main/config.json"),
+    ("vit_adapter", dict(trunk="vit_small_patch14_dinov2"), "/timm/vit_small_patch14_dinov2.lvd142m/resolve/main/model.safetensors"),
+]
 
 
 def test_a_hub_endpoint_that_never_answers_fails_within_the_stall_window(tmp_path):
-    trunk = "/timm/deit_tiny_patch16_224.fb_in1k/resolve/main/model.safetensors"
-    config = "/org/tiny/resolve/main/config.json"
-    with LocalServer({}, stall=[trunk, config]) as server:
+    paths = [path for _, _, path in HUB_LOADS]
+    with LocalServer({}, stall=paths) as server:
         env = dict(os.environ, HF_ENDPOINT=server.url, HF_HUB_CACHE=str(tmp_path / "hub"), **{STALL_ENV: "1"})
-        done = subprocess.run(
-            [sys.executable, "-c", HUB_CHILD, "vit_adapter_t", "hf-hub:org/tiny"],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
+        loads = json.dumps([[name, kwargs] for name, kwargs, _ in HUB_LOADS])
+        done = subprocess.run([sys.executable, "-c", HUB_CHILD, loads], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 2
-    for line, path in zip(lines, (trunk, config)):
+    assert len(lines) == len(paths)
+    for line, path in zip(lines, paths):
         took, message = line.split(" ", 1)
         assert 1 <= float(took) < 6, line
         assert server.url + path in message and "stopped after" in message and STALL_ENV in message

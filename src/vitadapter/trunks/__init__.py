@@ -43,7 +43,14 @@ def create_trunk(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     if timm.models.model_entrypoint(arch).__module__.endswith(".eva"):
         # rotary embeddings for any grid, not only the one they were built for
         kwargs.setdefault("dynamic_img_size", True)
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
+        # timm's own download has no overall deadline: vitadapter's bounded one fetches the file
+        # (into the same caches) and timm loads it from there
+        from ..hub import fetch_weights  # hub imports the models, which import this module
+
+        overlay["file"] = str(fetch_weights({**timm.models.get_pretrained_cfg(name).to_dict(), **overlay}))
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay or None, **kwargs)
 
 
 __all__ = [
