@@ -475,3 +475,15 @@ def test_cpu_bf16_autocast_returns_every_level_in_the_models_dtype():
     assert {level.dtype for level in levels} == {torch.float32}
     for level, ref in zip(levels, reference):
         assert level.shape == ref.shape and torch.isfinite(level).all()
+
+
+@pytest.mark.parametrize("codebase", ["dinov2", "dinov3"])
+def test_malformed_dino_adapter_checkpoints_pass_the_same_checks(tmp_path, codebase):
+    meta = json.loads((FIXTURES.parent / "dino_adapters" / f"{codebase}_adapter.json").read_text())
+    config = meta["constructor"]["kwargs"] if codebase == "dinov2" else {"vit": meta["vit"]["kwargs"], "adapter": meta["constructor"]["kwargs"]}
+    path = tmp_path / "bad.pth"
+    torch.save(str(FIXTURES.parent / "dino_adapters" / f"{codebase}_adapter.pth"), path)
+    with pytest.raises(ValueError, match="holds a str"):
+        vitadapter.load_upstream(config, codebase, path)
+    with pytest.raises(ValueError, match="checkpoint key 3 is a int, not a string"):
+        vitadapter.load_upstream(config, codebase, {"state_dict": {3: torch.zeros(1)}})

@@ -103,22 +103,9 @@ def _source(codebase: str) -> str:
 def _foreign_state(checkpoint: Checkpoint, codebase: str) -> dict[str, Any]:
     """The state dict of a DINOv2/DINOv3 adapter checkpoint: wrappers and ``module.`` go; for DINOv2 a
     whole segmentor's ``backbone.`` keys are kept (DINOv3 keeps its ViT under ``backbone.`` itself)."""
-    if not isinstance(checkpoint, Mapping):
+    if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"a checkpoint must hold a dict of tensors, this one holds a {type(checkpoint).__name__}")
-    if codebase == "dinov2":
-        state, _ = _unwrap(checkpoint)
-    else:
-        state = checkpoint
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state.get(wrapper), Mapping):
-                state = state[wrapper]
-                break
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is not a named tensor ({type(value).__name__})")
+    state, _ = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=codebase == "dinov2")
     return state
 
 
@@ -363,10 +350,11 @@ def _grid(cells: int) -> str:
     return f"{side}x{side}" if side * side == cells else f"{cells}-cell"
 
 
-def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _unwrap(checkpoint: Mapping[str, Any], split_backbone: bool = True) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict inside a checkpoint: ``state_dict``/``model`` wrappers and ``module.`` prefixes
-    go; when keys carry ``backbone.``, the rest (task heads, necks) is dropped. Returns (state, dropped),
-    the kept entries checked by ``_check_entry``."""
+    go; when keys carry ``backbone.`` (and ``split_backbone``), the rest (task heads, necks) is dropped.
+    Returns (state, dropped), the kept entries checked by ``_check_entry``: every checkpoint a
+    vitadapter model loads passes here."""
     state = checkpoint
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), Mapping):
@@ -377,7 +365,7 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], lis
             raise ValueError(f"checkpoint key {key!r} is a {type(key).__name__}, not a string")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     dropped = []
-    if any(k.startswith("backbone.") for k in state):
+    if split_backbone and any(k.startswith("backbone.") for k in state):
         dropped = sorted(k for k in state if not k.startswith("backbone."))
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     for key, value in state.items():
