@@ -308,9 +308,11 @@ QKV = "backbone.blocks.0.attn.qkv.weight"
 MALFORMED = {
     "int-key": (lambda: {"state_dict": {**upernet_state(), 7: torch.zeros(1)}}, r"checkpoint key 7 is a int, not a string"),
     "0-d-matrix": (lambda: with_entry("backbone.patch_embed.proj.weight", torch.tensor(1.0)),
-                   r"shape mismatches: vit.patch_embed.proj.weight: checkpoint \(\) vs model \(96, 3, 16, 16\)"),
+                   r"'patch_embed.proj.weight' has shape \(\), expected 4 dimensions"),
+    "0-d-block-matrix": (lambda: with_entry("backbone.blocks.1.mlp.fc2.weight", torch.tensor(1.0)),
+                         r"shape mismatches: vit.blocks.1.mlp.fc2.weight: checkpoint \(\) vs model \(96, 384\)"),
     "1-d-matrix": (lambda: with_entry(QKV, torch.zeros(288)), r"vit.blocks.0.attn.qkv.weight: checkpoint \(288,\) vs model \(288, 96\)"),
-    "0-d-token": (lambda: {**tiny_timm_state(), "cls_token": torch.tensor(0.0)}, r"'cls_token' has shape \(\), expected \(1, tokens, width\)"),
+    "0-d-token": (lambda: {**tiny_timm_state(), "cls_token": torch.tensor(0.0)}, r"'cls_token' has shape \(\), expected 3 dimensions"),
     "1-d-grid": (lambda: with_entry("backbone.pos_embed", torch.zeros(7)), r"'pos_embed' has shape \(7,\)"),
     "tensor": (lambda: torch.zeros(3, 3), "holds a Tensor"),
     "list": (lambda: [torch.zeros(3)], "holds a list"),
@@ -487,3 +489,16 @@ def test_malformed_dino_adapter_checkpoints_pass_the_same_checks(tmp_path, codeb
         vitadapter.load_upstream(config, codebase, path)
     with pytest.raises(ValueError, match="checkpoint key 3 is a int, not a string"):
         vitadapter.load_upstream(config, codebase, {"state_dict": {3: torch.zeros(1)}})
+
+
+@pytest.mark.parametrize("trunk, key", [
+    ("beit_base_patch16_224", "blocks.0.attn.relative_position_bias_table"),
+    ("vit_small_patch16_dinov3", "patch_embed.proj.weight"),
+])
+def test_malformed_timm_checkpoints_of_other_trunk_families_are_named(trunk, key):
+    shape = dict(img_size=64, embed_dim=48, depth=4, num_heads=3)
+    model = vitadapter.create_model("vit_adapter", trunk=trunk, trunk_kwargs=shape, conv_inplane=16, deform_num_heads=3)
+    state = timm.create_model(trunk, num_classes=0, **shape).state_dict()
+    for bad in (torch.tensor(1.0), torch.zeros(5)):
+        with pytest.raises(ValueError, match=f"'{key}' has shape {re.escape(str(tuple(bad.shape)))}, expected"):
+            upstream.load_checkpoint(model, {**state, key: bad})

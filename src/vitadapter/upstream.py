@@ -373,8 +373,13 @@ def _unwrap(checkpoint: Mapping[str, Any], split_backbone: bool = True) -> tuple
     return state, dropped
 
 
-# Tensors whose shapes the conversion reads (prefix tokens and the position grid): (1, tokens, width).
-_TOKEN_TENSORS = ("pos_embed", "cls_token", "dist_token", "reg_token")
+# Tensors whose shapes the conversions read before the model's own shape check, by key or last key
+# part, and their number of dimensions: prefix tokens and position grids (1, tokens, width), the patch
+# embedding (width, channels, patch, patch), BEiT's relative position tables (rows, heads).
+_RANKS = {
+    "pos_embed": 3, "cls_token": 3, "dist_token": 3, "reg_token": 3, "patch_embed.proj.weight": 4,
+    "relative_position_bias_table": 2,
+}
 
 
 def _check_entry(key: str, value: Any) -> None:
@@ -382,8 +387,9 @@ def _check_entry(key: str, value: Any) -> None:
         raise ValueError(f"checkpoint entry {key!r} is not a tensor ({type(value).__name__})")
     if value.layout is not torch.strided:
         raise ValueError(f"checkpoint entry {key!r} is a {value.layout} tensor; only dense tensors load")
-    if key in _TOKEN_TENSORS and value.dim() != 3:
-        raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, expected (1, tokens, width)")
+    rank = _RANKS.get(key, _RANKS.get(key.rsplit(".", 1)[-1]))
+    if rank is not None and value.dim() != rank:
+        raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, expected {rank} dimensions")
 
 
 def _as_dict(checkpoint: Any, source: Any) -> Mapping[Any, Any]:
