@@ -468,13 +468,14 @@ def test_an_empty_batch_gives_empty_levels_of_the_usual_shapes(training):
         assert level.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_cpu_bf16_autocast_returns_every_level_in_the_models_dtype():
-    model, image = tiny_model(), torch.randn(2, 3, 64, 64)
+@pytest.mark.parametrize("batch", [2, 0])
+def test_cpu_bf16_autocast_returns_every_level_in_its_dtype(batch):
+    model, image = tiny_model(), torch.randn(batch, 3, 64, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         levels = model(image)
     with torch.no_grad():
         reference = model(image)
-    assert {level.dtype for level in levels} == {torch.float32}
+    assert {level.dtype for level in levels} == {torch.bfloat16}
     for level, ref in zip(levels, reference):
         assert level.shape == ref.shape and torch.isfinite(level).all()
 

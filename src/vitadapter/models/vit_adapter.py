@@ -195,8 +195,8 @@ class ViTAdapter(nn.Module):
 
         The maps are in ``torch.channels_last`` memory format (the layout they are computed in);
         use ``.reshape`` rather than ``.view`` on them, or ``.contiguous()`` for NCHW strides. An image
-        of another floating dtype is cast to the model's; the maps come back in the model's dtype,
-        under autocast too; an empty batch gives empty maps. In training, the zero padding up to a
+        of another floating dtype is cast to the model's; all four maps come back in the model's dtype,
+        or in autocast's while it is on; an empty batch gives empty maps. In training, the zero padding up to a
         multiple of 32 counts toward the BatchNorm statistics, as the padding of upstream's data
         pipelines does.
         """
@@ -205,8 +205,9 @@ class ViTAdapter(nn.Module):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self._prepare_input(x)
         h, w = x.shape[-2:]
+        dtype = _levels_dtype(x)
         if not x.shape[0]:
-            empty = [x.new_zeros(0, self.embed_dim, math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
+            empty = [x.new_zeros(0, self.embed_dim, math.ceil(h / s), math.ceil(w / s), dtype=dtype) for s in STRIDES]
             return [level.contiguous(memory_format=torch.channels_last) for level in empty]
         x = F.pad(x, (0, -w % SIZE_DIVISOR, 0, -h % SIZE_DIVISOR)).contiguous(memory_format=torch.channels_last)
         batch = x.shape[0]
@@ -244,9 +245,8 @@ class ViTAdapter(nn.Module):
             feats = [self._vit_map(t, vit_grid, level.shape[-2:]) for t, level in zip(vit_maps, levels)]
             levels = [c1.add_(feats[0])] + [level + feat for level, feat in zip(levels[1:], feats[1:])]
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
-        # under autocast the levels leave their last ops in different dtypes: one for all four
         return [
-            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)].to(x.dtype)
+            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)].to(dtype)
             for norm, level, s in zip(norms, levels, STRIDES)
         ]
 
@@ -428,6 +428,13 @@ def _init_adapter_module(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def _levels_dtype(image: torch.Tensor) -> torch.dtype:
+    """One dtype for all four levels (under autocast they leave their last ops in different ones):
+    autocast's while it is on for the image's device, else the image's, which is the model's."""
+    device = image.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else image.dtype
 
 
 def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
