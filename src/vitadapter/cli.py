@@ -1,94 +1,316 @@
-"""The ``vitadapter`` command: list and describe models, picture one image's feature pyramid and
-convert upstream checkpoints into Hub folders."""
+"""The ``vitadapter`` command: list and describe models, picture the feature pyramid of an image (or a
+folder of them) and convert upstream checkpoints into Hub folders.
+
+Only ``features`` and ``convert`` import torch, inside their functions: ``--help``, ``list``,
+``describe`` and usage errors answer at once, from ``catalog.json``. Every error is one line on
+stderr; ``--debug`` (or ``VITADAPTER_DEBUG=1``) shows its traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.resources
 import json
+import os
 import sys
+import urllib.parse
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
-import torch
-from huggingface_hub.utils import tqdm
-from PIL import Image, UnidentifiedImageError
+from . import __version__, catalog
 
-from . import __version__, create_model, list_models, list_pretrained, load_upstream
-from .config_checks import check_pretrained_cfg, input_channels
-from .hub import read_weights, save_pretrained
-from .staging import staging_folder
-from .upstream import Conversion, load_checkpoint, model_kwargs
-from .visualize import pyramid_picture
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .upstream import Conversion
+
+DEBUG_ENV = "VITADAPTER_DEBUG"
+# Errors whose message says all a user needs (a bad file, name, option, no network); other types
+# are bugs and say so.
+_USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
+_BUNDLED = "chelsea.png"
+_PICTURE = "vitadapter_features.png"
+_PICTURE_FOLDER = "vitadapter_features"
+
+
+class UsageError(ValueError):
+    """A command line that cannot work, found before any model is built."""
+
+
+# ---- list and describe: from the catalog, without torch ---------------------------------------------
 
 
 def _list(args: argparse.Namespace) -> int:
-    names = (list_pretrained if args.pretrained else list_models)(args.pattern)
+    entries = catalog.load()
+    if not args.pretrained:
+        names = [name for name in entries["architectures"] if fnmatch.fnmatchcase(name, args.pattern or "*")]
+        if names:
+            print("\n".join(names))
+    else:
+        # as timm's list_pretrained: a pattern without a tag also matches every tag of the names
+        patterns = [args.pattern or "*"] + ([f"{args.pattern}.*"] if args.pattern and "." not in args.pattern else [])
+        names = [name for name in entries["weights"] if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        defaults = {f"{arch}.{entry['default_tag']}" for arch, entry in entries["architectures"].items()}
+        width = max(map(len, names), default=0)
+        for name in names:
+            marks = ("default" if name in defaults else "", "cached" if _cached_weights(entries["weights"][name]) else "")
+            print(f"{name:<{width}}  {marks[0]:<7}  {marks[1]}".rstrip())
     if not names:
-        print(f"vitadapter: no model matches {args.pattern!r}", file=sys.stderr)
+        command = "vitadapter list" + " --pretrained" * args.pretrained
+        print(f"vitadapter: nothing matches {args.pattern!r}; `{command}` shows every name", file=sys.stderr)
         return 1
-    print("\n".join(names))
     return 0
 
 
 def _describe(args: argparse.Namespace) -> int:
-    model = create_model(args.name, pretrained=False)
-    total = sum(p.numel() for p in model.parameters())
-    vit = sum(p.numel() for p in model.vit.parameters())
+    entries = catalog.load()
+    arch, _, tag = args.name.partition(".")
+    if arch not in entries["architectures"]:
+        raise UsageError(f"unknown model {args.name!r}; `vitadapter list` shows the {len(entries['architectures'])} architectures")
+    entry = entries["architectures"][arch]
+    name = f"{arch}.{tag or entry['default_tag']}"
+    if name not in entries["weights"]:
+        tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
+        raise UsageError(f"unknown weight tag {tag!r} for {arch}; it has: {tags}")
+    weights = entries["weights"][name]
+    total, vit = entry["parameters"], entry["vit_parameters"]
+    _, height, width = entry["input_size"]
+    others = [n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}.") and n != name]
     print(args.name)
-    print(f"parameters: {total:,} total = {vit:,} ViT (model.vit) + {total - vit:,} adapter")
-    print("feature_info:")
-    for i, info in enumerate(model.feature_info):
-        print(f"  level {i + 1}: {info['num_chs']} channels, reduction {info['reduction']}")
+    print(f"parameters:  {total:,} = {vit:,} ViT (model.vit) + {total - vit:,} adapter")
+    print(f"compute:     {entry['flops'] / 2e9:.1f} GMACs for one {width}x{height} image")
+    print(f"input:       RGB in [0, 1], normalised with mean {_numbers(weights['mean'])} and std "
+          f"{_numbers(weights['std'])}; default size {width}x{height}, any size >= 32x32 works")
+    default = "  (the default tag)" if name == f"{arch}.{entry['default_tag']}" else ""
+    print(f"weights:     {name}{default} from {_source(weights)}, {'cached' if _cached_weights(weights) else 'not cached yet'}")
+    if others:
+        print(f"other tags:  {', '.join(others)}")
+    print("levels (feature_info):")
+    for i, level in enumerate(entry["levels"]):
+        print(f"  level {i + 1}: {level['channels']} channels, reduction {level['stride']}")
     return 0
 
 
-def _load_image(path: Optional[str], size: Optional[int]) -> tuple[str, Image.Image]:
-    """(name to show, RGB image), read from ``path`` or the bundled cat and optionally resized."""
-    if path is None:
-        name, source = "chelsea.png (bundled)", importlib.resources.files("vitadapter") / "assets" / "chelsea.png"
-    else:
-        name, source = path, Path(path)
-        if not source.is_file():
-            raise FileNotFoundError(f"no image file at {path!r}")
-    try:
-        with source.open("rb") as f, Image.open(f) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {name!r}: {err}") from err
-    if size is not None:
-        w, h = image.size
-        scale = size / min(w, h)
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-    return name, image
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _source(weights: dict[str, Any]) -> str:
+    if weights["hf_hub_id"]:
+        from huggingface_hub import constants  # its endpoint: HF_ENDPOINT or the Hub
+
+        return f"{constants.ENDPOINT}/{weights['hf_hub_id']} ({weights['hf_hub_filename']})"
+    return weights["url"]
+
+
+def _cached_weights(weights: dict[str, Any]) -> Optional[str]:
+    """Where the download cache already holds these weights, if it does (nothing is fetched)."""
+    if weights["hf_hub_id"]:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = weights["hf_hub_id"].partition("@")
+        found = try_to_load_from_cache(repo, weights["hf_hub_filename"], revision=revision or None)
+        return found if isinstance(found, str) else None
+    path = torch_hub_dir() / "checkpoints" / Path(urllib.parse.urlparse(weights["url"]).path).name
+    return str(path) if path.is_file() else None
+
+
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` as a fresh process sees it, without importing torch."""
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
+
+
+# ---- features -----------------------------------------------------------------------------------------
 
 
 def _features(args: argparse.Namespace) -> int:
-    name, image = _load_image(args.image, args.size)
+    images = _image_files(args.image)
+    folder = args.image is not None and Path(args.image).is_dir()
+    out = Path(args.out or (_PICTURE_FOLDER if folder else _PICTURE))
+    if not folder:
+        _check_picture_path(out)
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: for a folder of images this names a folder of pictures, and it is a file")
+    device = _device(args.device)
+    model, weights = _features_model(args, device)
+    if not folder:
+        picture, table = _picture(model, device, args, *images[0], weights)
+        picture.save(out)
+        print(table)
+        print(f"wrote {out}")
+        return 0
+
+    from huggingface_hub.utils import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    targets = _picture_names(out, [Path(name) for name, _ in images])
+    # a bar on a terminal only: in a log its redraws would run into one line
+    with tqdm(total=len(images), unit="image", desc="features", disable=None) as bar:
+        for (name, source), target in zip(images, targets):
+            _picture(model, device, args, name, source, weights)[0].save(target)
+            bar.write(f"wrote {target}")
+            bar.update()
+    print(f"wrote {len(targets)} pictures into {out}")
+    return 0
+
+
+def _picture_names(folder: Path, images: list[Path]) -> list[Path]:
+    """cat.jpg -> FOLDER/cat.png; where two images share a stem, every picture keeps the suffix too."""
+    stems = [p.stem for p in images]
+    unique = len(set(stems)) == len(stems)
+    return [folder / f"{p.stem if unique else p.name}.png" for p in images]
+
+
+def _image_files(path: Optional[str]) -> list[tuple[str, Any]]:
+    """(name to show, file) of the bundled cat, one image file or each image in a folder."""
+    if path is None:
+        return [(f"{_BUNDLED} (bundled)", importlib.resources.files("vitadapter") / "assets" / _BUNDLED)]
+    source = Path(path)
+    if source.is_dir():
+        from PIL import Image
+
+        Image.init()
+        found = sorted(p for p in source.iterdir() if p.is_file() and Image.EXTENSION.get(p.suffix.lower()) in Image.OPEN)
+        if not found:
+            raise UsageError(f"{path} holds no image files Pillow can read")
+        return [(str(p), p) for p in found]
+    if not source.is_file():
+        raise UsageError(f"no image file or folder at {path!r}")
+    return [(path, source)]
+
+
+def _check_picture_path(path: Path) -> None:
+    from PIL import Image
+
+    Image.init()
+    if Image.EXTENSION.get(path.suffix.lower()) not in Image.SAVE:
+        kind = f"'{path.suffix}' files" if path.suffix else "a file name without an extension"
+        raise UsageError(f"--out {path}: Pillow cannot write {kind}; name a .png (or .jpg, .webp) file")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: the folder {path.parent} does not exist")
+
+
+def _device(name: str) -> "torch.device":
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown name, or a device this torch cannot use
+        raise UsageError(f"--device {name}: {_one_line(e)}; try --device cpu") from e
+    return device
+
+
+def _features_model(args: argparse.Namespace, device: "torch.device") -> tuple["torch.nn.Module", Optional[str]]:
+    """The model on ``device`` in eval mode, and where its weights came from (None: random)."""
+    import torch
+
+    from . import create_model
+
     torch.manual_seed(args.seed)
-    pretrained = args.pretrained or args.weights is not None
-    overlay = dict(file=args.weights) if args.weights else None
-    model = create_model(args.model, pretrained=pretrained, pretrained_cfg_overlay=overlay).eval()
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
+        model = create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights))
+        return model.eval().to(device), args.weights
+    if not args.pretrained:
+        return create_model(args.model).eval().to(device), None
+    download = _download_to_come(args.model)
+    if download is None:
+        model = create_model(args.model, pretrained=True)
+    else:
+        name, source = download
+        from huggingface_hub import constants
+        from huggingface_hub.utils import logging
+
+        advice = f"download {source} on a machine with network access and pass the file with --weights FILE"
+        if constants.HF_HUB_OFFLINE:
+            raise OSError(f"the weights of {name} are not cached and HF_HUB_OFFLINE is set: {advice}")
+        print(f"fetching the weights of {name} from {source}", file=sys.stderr)
+        logging.set_verbosity_error()  # its retry notices; a failure ends in the one line below
+        try:
+            model = create_model(args.model, pretrained=True)
+        except OSError as e:
+            raise OSError(f"cannot fetch the weights of {name} ({_one_line(_root_cause(e))}): {advice}") from e
     cfg = model.pretrained_cfg
+    tag_name = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag"))))
+    return model.eval().to(device), f"{tag_name or args.model} from {cfg.get('hf_hub_id') or cfg.get('url') or args.model}"
+
+
+def _download_to_come(model: str) -> Optional[tuple[str, str]]:
+    """(arch.tag, source) when ``model`` names registered weights that are not in the cache yet."""
+    entries = catalog.load()
+    arch, _, tag = model.partition(".")
+    if arch not in entries["architectures"]:
+        return None
+    name = f"{arch}.{tag or entries['architectures'][arch]['default_tag']}"
+    weights = entries["weights"].get(name)
+    if weights is None or _cached_weights(weights):
+        return None
+    return name, _source(weights)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _picture(
+    model: "torch.nn.Module", device: "torch.device", args: argparse.Namespace, name: str, source: Any, weights: Optional[str]
+) -> tuple["Image.Image", str]:
+    """The pyramid picture of one image and the table of its level shapes."""
+    import numpy as np
+    import torch
+
+    from .visualize import pyramid_picture
+
+    cfg = model.pretrained_cfg
+    original = _read_image(name, source)
+    size = cfg["input_size"][-1] if args.size is None else args.size
+    image = original if size == "original" else _resize_short_side(original, size)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     with torch.inference_mode():
-        levels = model(((pixels - mean) / std).unsqueeze(0))
-
+        levels = [level[0].float().cpu() for level in model(((pixels - mean) / std).unsqueeze(0).to(device))]
     strides = [info["reduction"] for info in model.feature_info]
-    # Write first, so a bad --out fails before anything is reported.
-    pyramid_picture(image, [level[0] for level in levels], strides).save(args.out)
 
-    print(f"model: {args.model}")
-    print(f"weights: {_weights_source(cfg) if pretrained else _RANDOM.format(seed=args.seed)}")
-    print(f"input: {name}, {image.width}x{image.height} (W x H)")
-    print("level  stride     C     H     W")
-    for i, (stride, level) in enumerate(zip(strides, levels)):
-        _, c, h, w = level.shape
-        print(f"{i + 1:>5}  {stride:>6}  {c:>4}  {h:>4}  {w:>4}")
-    print(f"wrote {args.out}")
-    return 0
+    resized = "" if image.size == original.size else (
+        f", resized from {original.width} x {original.height} (short side {size}"
+        + (", the model's default; --size changes it)" if args.size is None else ")")
+    )
+    caption = [
+        f"Input: {image.width} x {image.height} px{resized}.",
+        f"Weights: {weights}." if weights else "",
+        f"Colours: each cell's {levels[0].shape[0]} channels projected on the three directions the "
+        "levels vary along most (the same three for every level), as red, green and blue.",
+    ]
+    alert = ""
+    if weights is None:
+        alert = (f"Random weights (seed {args.seed}): nothing here is learned. "
+                 "Pass --pretrained or --weights FILE for learned features.")
+        caption.append(
+            "Stride 4: the checkerboard is the untrained 2 x 2 transposed convolution that upsamples "
+            "stride 8 (four kernel positions, four random projections)."
+        )
+    state = "random weights" if weights is None else "learned weights"
+    picture = pyramid_picture(
+        image, levels, strides, title=f"{args.model} with {state}: feature pyramid of {Path(name).name}",
+        caption=[line for line in caption if line], alert=alert,
+    )
+
+    rows = [
+        f"model: {args.model}",
+        f"weights: {weights or _RANDOM.format(seed=args.seed)}",
+        f"input: {name}, {image.width}x{image.height} (W x H){'' if image.size == original.size else f', resized from {original.width}x{original.height}'}",
+        "level  stride     C     H     W",
+    ]
+    rows += [f"{i + 1:>5}  {s:>6}  {c:>4}  {h:>4}  {w:>4}" for i, (s, (c, h, w)) in enumerate(zip(strides, (l.shape for l in levels)))]
+    return picture, "\n".join(rows)
 
 
 _RANDOM = (
@@ -97,60 +319,102 @@ _RANDOM = (
 )
 
 
-def _weights_source(cfg: dict) -> str:
-    """Where the loaded weights came from, as the pretrained cfg records it."""
-    if cfg.get("file"):  # a local file overrides whatever the tag points at
-        return str(cfg["file"])
-    tag = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag"))))
-    source = cfg.get("hf_hub_id") or cfg.get("url") or "the model's folder"
-    return f"{tag or 'pretrained'} from {source}"
+def _read_image(name: str, source: Any) -> "Image.Image":
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with source.open("rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{name} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read image {name}: {_one_line(e)}") from e
+
+
+def _resize_short_side(image: "Image.Image", size: int) -> "Image.Image":
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+# ---- convert ------------------------------------------------------------------------------------------
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .hub import read_weights
+    from .upstream import load_checkpoint
+
+    _check_weights_file(args.src, "convert")
     dst = Path(args.dst)
     if dst.exists():
         raise _exists(dst)
     model, pretrained_cfg = _model_to_convert(args)
-    with tqdm(total=3, desc="convert", unit="step", bar_format="{desc}: {n}/{total} steps{postfix}") as bar:
-        bar.set_postfix_str(f"reading {args.src}")
-        checkpoint = read_weights(args.src)
-        bar.update()
-        bar.set_postfix_str("converting keys")
-        conversion = load_checkpoint(model, checkpoint)
-        bar.update()
-        bar.set_postfix_str(f"writing {dst}")
-        _save_new_folder(model, dst, pretrained_cfg)
-        bar.update()
+    # One line per step on stderr: readable in a terminal and in a log file alike.
+    _step(1, f"reading {args.src}")
+    checkpoint = read_weights(args.src)
+    _step(2, "converting keys")
+    conversion = load_checkpoint(model, checkpoint)
+    _step(3, f"writing {dst}")
+    _save_new_folder(model, dst, pretrained_cfg)
     _print_summary(model, conversion, dst)
     return 0
 
 
-def _model_to_convert(args: argparse.Namespace) -> tuple[torch.nn.Module, Optional[dict[str, Any]]]:
+def _check_weights_file(path: str, option: str) -> None:
+    """Refuse a missing file, or one that cannot be a checkpoint, before any work (the readers would
+    fail later, on a mere pickle opcode)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    with open(path, "rb") as f:
+        start = f.read(9)
+    # a zip (torch.save, an upstream release), a pickle (legacy torch.save), or safetensors (an
+    # 8-byte header length, then its JSON)
+    if not (start.startswith(b"PK") or start.startswith(b"\x80") or start[8:] == b"{"):
+        raise UsageError(
+            f"{option} {path} is not a checkpoint: expected a torch.save file (.pth, .pth.tar), an upstream "
+            "release .zip or a .safetensors file"
+        )
+
+
+def _step(n: int, what: str) -> None:
+    print(f"convert [{n}/3] {what}", file=sys.stderr, flush=True)
+
+
+def _model_to_convert(args: argparse.Namespace) -> tuple["torch.nn.Module", Optional[dict[str, Any]]]:
     """The model the checkpoint is converted for, and pretrained_cfg entries for its config.json."""
+    from . import create_model, load_upstream
+    from .config_checks import check_pretrained_cfg, input_channels
+    from .upstream import model_kwargs
+
     if args.arch:
         return create_model(args.arch, pretrained=False), None
     path = Path(args.upstream_config)
     try:
         spec = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no upstream config file at {path}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
+        raise FileNotFoundError(f"--upstream-config {path}: no such file") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--upstream-config {path} is not valid JSON ({e})") from e
     if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), dict) or "codebase" not in spec:
         shape = '{"codebase": ..., "backbone": {...}} (and optionally "pretrained_cfg": {...})'
-        raise ValueError(f"{path} must hold a JSON object {shape}")
+        raise ValueError(f"--upstream-config {path} must hold a JSON object {shape}")
     unknown = sorted(set(spec) - {"codebase", "backbone", "pretrained_cfg"})
     if unknown:
-        raise ValueError(f"{path} has unknown entries: {', '.join(unknown)}")
+        raise ValueError(f"--upstream-config {path} has unknown entries: {', '.join(unknown)}")
     # every value is checked before the model is built
     channels = input_channels(model_kwargs(spec["backbone"], spec["codebase"]))
-    check_pretrained_cfg(spec.get("pretrained_cfg", {}), str(path), channels)
+    check_pretrained_cfg(spec.get("pretrained_cfg", {}), f"--upstream-config {path}", channels)
     return load_upstream(spec["backbone"], spec["codebase"]), spec.get("pretrained_cfg")
 
 
-def _save_new_folder(model: torch.nn.Module, dst: Path, pretrained_cfg: Optional[dict[str, Any]]) -> None:
+def _save_new_folder(model: "torch.nn.Module", dst: Path, pretrained_cfg: Optional[dict[str, Any]]) -> None:
     """Write into a staging folder beside ``dst`` and rename it: an error leaves no partial ``dst``, and
     a killed run's staging folder is removed by the next run (``vitadapter.staging``)."""
+    from .hub import save_pretrained
+    from .staging import staging_folder
+
     with staging_folder(dst) as staging:
         save_pretrained(model, staging, pretrained_cfg)
         try:
@@ -162,10 +426,10 @@ def _save_new_folder(model: torch.nn.Module, dst: Path, pretrained_cfg: Optional
 
 
 def _exists(dst: Path) -> ValueError:
-    return ValueError(f"{dst} already exists: convert writes a new folder, pick another name or remove it")
+    return UsageError(f"{dst} already exists: convert writes a new folder, pick another name or remove it")
 
 
-def _print_summary(model: torch.nn.Module, conversion: Conversion, dst: Path) -> None:
+def _print_summary(model: "torch.nn.Module", conversion: "Conversion", dst: Path) -> None:
     state, fresh = model.state_dict(), set(conversion.initialised)
     kept = [k for k in state if k not in fresh]
     params = sum(state[k].numel() for k in kept if state[k].is_floating_point())
@@ -178,33 +442,42 @@ def _print_summary(model: torch.nn.Module, conversion: Conversion, dst: Path) ->
     print(f"wrote {dst}")
 
 
+# ---- the parser and the entry point -------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
     parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids on timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="print the registered model names")
-    p.add_argument("pattern", nargs="?", default="", help="glob filter, e.g. '*_t'")
-    p.add_argument("--pretrained", action="store_true", help="list arch.tag names that come with weights")
+    p = _subcommand(sub, "list", "print the registered model names, or with --pretrained the weight tags")
+    p.add_argument("pattern", nargs="?", default="", help="glob filter, e.g. 'vit_adapter_b*'")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list arch.tag names that come with weights, marking each architecture's default and what is cached")
     p.set_defaults(run=_list)
 
-    p = sub.add_parser("describe", help="parameter counts and pyramid levels of a model")
-    p.add_argument("name", help="model name, see `vitadapter list`")
+    p = _subcommand(sub, "describe", "parameters, compute, preprocessing and weights of a model")
+    p.add_argument("name", help="model name or name.tag, see `vitadapter list`")
     p.set_defaults(run=_describe)
 
-    p = sub.add_parser("features", help="run a model on an image and write a PCA picture of the pyramid")
-    p.add_argument("image", nargs="?", help="image file (default: the bundled chelsea.png)")
+    p = _subcommand(sub, "features", "run a model on an image (or a folder of images) and picture its feature pyramid")
+    p.add_argument("image", nargs="?", help="image file or folder of images (default: the bundled chelsea.png)")
     p.add_argument("--model", default="vit_adapter_t", help="model name (default: %(default)s)")
-    p.add_argument("--out", default="vitadapter_features.png", help="PNG to write (default: %(default)s)")
-    p.add_argument("--size", type=_positive_int, metavar="N", help="resize so the short side is N px (default: keep the size)")
+    p.add_argument("--out", metavar="PATH",
+                   help=f"picture to write (default: {_PICTURE}), or for a folder the folder of pictures (default: {_PICTURE_FOLDER}/)")
+    p.add_argument("--size", type=_size, metavar="N|original",
+                   help="resize so the short side is N px, or keep the original size (default: the model's input size, 512)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="load the model's weights (its default tag, or NAME.TAG / local-dir: / hf-hub:); may download")
-    p.add_argument("--weights", metavar="FILE", help="load weights from a local file (.safetensors, upstream .pth/.zip)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="load the model's weights (its default tag, or NAME.TAG / local-dir: / hf-hub:); may download")
+    weights.add_argument("--weights", metavar="FILE", help="load weights from a local file (.safetensors, upstream .pth/.zip)")
     p.set_defaults(run=_features)
 
-    p = sub.add_parser("convert", help="turn an upstream checkpoint into a folder of config.json + model.safetensors")
+    p = _subcommand(sub, "convert", "turn an upstream checkpoint into a folder of config.json + model.safetensors")
     p.add_argument("src", help="upstream checkpoint (.pth, .pth.tar or release .zip)")
     p.add_argument("dst", help="folder to create; load it with create_model('local-dir:DST', pretrained=True)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -218,22 +491,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
+def _subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    # SUPPRESS: a subcommand's default must not overwrite a --debug given before the subcommand
+    _add_debug(p, default=argparse.SUPPRESS)
+    return p
+
+
+def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1)")
+
+
+def _size(text: str) -> Any:
     """argparse type for --size, so a bad value is reported as a usage error."""
+    if text == "original":
+        return text
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'original', got {text!r}")
     return value
 
 
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``vitadapter`` script; returns the exit code (2 on a user error)."""
+    """Entry point of the ``vitadapter`` script; returns the exit code (2 on an error)."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"vitadapter: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("vitadapter: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, _USER_ERRORS):
+            print(f"vitadapter: error: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"vitadapter: error: {type(err).__name__}: {_one_line(err)} "
+                  f"(a bug: --debug shows the traceback to report)", file=sys.stderr)
         return 2

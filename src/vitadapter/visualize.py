@@ -1,71 +1,150 @@
-"""Pictures of a feature pyramid: each level as the RGB of its first three principal components."""
+"""Pictures of a feature pyramid: the input and each level coloured by principal components, with
+labels and a caption that say what the picture shows."""
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 # A component this much weaker than the first is rounding noise, not structure; stretching it to
 # full contrast would paint noise as if it were a pattern.
 _NEGLIGIBLE = 1e-4
-_GAP = 4
-_LABEL_HEIGHT = 14
+# Panels fit this box; 3 columns of it suit a 1920-px screen.
+_PANEL_BOX = (576, 384)
+_COLUMNS = 3
+_MARGIN = 16
+_GAP = 12
+_TITLE_SIZE, _TEXT_SIZE = 26, 16
+_ALERT = (200, 0, 0)
+
+
+def principal_directions(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (k, C) principal directions, k <= 3 and strongest first, shared by (C, H, W) maps.
+
+    Each map is centred on its own mean and counts as much as every other, whatever its size and
+    scale: the directions are what the maps vary along together, not the offsets between them, and
+    the 16x larger stride-4 map does not outvote the others.
+    """
+    if not features or any(f.dim() != 3 or f.shape[0] != features[0].shape[0] for f in features):
+        raise ValueError(f"expected (C, H, W) maps with one C, got shapes {[tuple(f.shape) for f in features]}")
+    covariance = 0
+    for feature in features:
+        x = feature.detach().reshape(feature.shape[0], -1).T.double()
+        x = x - x.mean(0)
+        covariance = covariance + x.T @ x / x.square().sum().clamp_min(1e-300)
+    variances, vectors = torch.linalg.eigh(covariance)
+    k = min(3, variances.numel())
+    variances, vectors = variances.flip(0)[:k], vectors.flip(1)[:, :k]
+    vectors = vectors[:, variances > _NEGLIGIBLE**2 * variances[0]]
+    # Principal directions have arbitrary sign; fix it so colours are reproducible across runs.
+    peak = vectors.abs().argmax(0)
+    return (vectors * torch.where(vectors[peak, torch.arange(vectors.shape[1])] < 0, -1.0, 1.0)).T
+
+
+def colour_map(feature: torch.Tensor, directions: torch.Tensor) -> Image.Image:
+    """(C, H, W) map -> W x H RGB image: red, green, blue = the map's coordinates along the first,
+    second and third direction, each stretched over its 1st-99th percentile in this map."""
+    channels, height, width = feature.shape
+    x = feature.detach().reshape(channels, height * width).T.double()
+    proj = (x - x.mean(0)) @ directions.T
+    rgb = torch.zeros(height * width, 3, dtype=torch.uint8)
+    if proj.shape[1]:
+        lo = torch.quantile(proj, 0.01, dim=0)
+        hi = torch.quantile(proj, 0.99, dim=0)
+        scaled = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+        rgb[:, : proj.shape[1]] = (scaled * 255).round().to(torch.uint8)
+    return Image.fromarray(rgb.reshape(height, width, 3).numpy(), "RGB")
 
 
 def pca_rgb(feature: torch.Tensor) -> Image.Image:
-    """(C, H, W) feature map -> W x H RGB image of its top three principal components."""
+    """(C, H, W) feature map -> W x H RGB image of its own top three principal components."""
     if feature.dim() != 3:
         raise ValueError(f"expected a (C, H, W) feature map, got shape {tuple(feature.shape)}")
-    channels, height, width = feature.shape
-    x = feature.detach().reshape(channels, height * width).T.double()
-    x = x - x.mean(0)
-    # Plain SVD rather than pca_lowrank: deterministic, and (H*W, C) is small enough.
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    k = min(3, s.numel())
-    proj = x @ vh[:k].T
-    proj[:, s[:k] <= _NEGLIGIBLE * s[0]] = 0
-    # Principal directions have arbitrary sign; fix it so colours are reproducible across runs.
-    peak = proj.abs().argmax(0)
-    proj = proj * torch.where(proj[peak, torch.arange(k)] < 0, -1.0, 1.0)
-    lo = torch.quantile(proj, 0.01, dim=0)
-    hi = torch.quantile(proj, 0.99, dim=0)
-    scaled = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
-    rgb = torch.zeros(height * width, 3, dtype=torch.uint8)
-    rgb[:, :k] = (scaled * 255).round().to(torch.uint8)
-    return Image.fromarray(rgb.reshape(height, width, 3).numpy(), "RGB")
+    return colour_map(feature, principal_directions([feature]))
 
 
 def pyramid_picture(
     image: Image.Image,
-    levels: list[torch.Tensor],
+    levels: Sequence[torch.Tensor],
     strides: Sequence[int] = (4, 8, 16, 32),
-    height: int = 256,
+    title: str = "",
+    caption: Sequence[str] = (),
+    alert: str = "",
 ) -> Image.Image:
-    """The input and each (C, H, W) level side by side at ``height`` px, cells aligned to the pixels they cover."""
+    """The input and each (C, H, W) level in a grid, every cell drawn over the input pixels it covers,
+    coloured by principal components shared by all levels; ``title`` on top, ``alert`` (in red) and
+    ``caption`` paragraphs in the free grid cell."""
     if len(levels) != len(strides):
         raise ValueError(f"got {len(levels)} levels for {len(strides)} strides")
     w, h = image.size
     for level, stride in zip(levels, strides):
         expected = (math.ceil(h / stride), math.ceil(w / stride))
-        if tuple(level.shape[-2:]) != expected:
-            raise ValueError(f"stride-{stride} level is {tuple(level.shape[-2:])}, expected {expected} for a {w}x{h} image")
-    scale = height / h
-    width = max(1, round(w * scale))
-    panels = [("input", image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))]
-    for level, stride in zip(levels, strides):
-        # Cell (i, j) covers input pixels [i*s, (i+1)*s): upsample by the stride, then crop the
-        # part of the last cells that lies in the model's padding.
-        cells = pca_rgb(level)
-        full = (round(cells.width * stride * scale), round(cells.height * stride * scale))
-        panel = cells.resize(full, Image.Resampling.NEAREST).crop((0, 0, width, height))
-        panels.append((f"stride {stride}  ({level.shape[0]}x{level.shape[1]}x{level.shape[2]})", panel))
+        if level.dim() != 3 or tuple(level.shape[-2:]) != expected:
+            raise ValueError(f"stride-{stride} level is {tuple(level.shape)}, expected (C, *{expected}) for a {w}x{h} image")
+    scale = _panel_scale(w, h, min(strides))
+    width, height = max(1, round(w * scale)), max(1, round(h * scale))
+    directions = principal_directions(levels)
 
-    picture = Image.new("RGB", (len(panels) * (width + _GAP) - _GAP, height + _LABEL_HEIGHT), "white")
+    panels = [(("Input", f"{w} x {h} px"), image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS))]
+    for i, (level, stride) in enumerate(zip(levels, strides)):
+        c, rows, cols = level.shape
+        # Cell (i, j) covers input pixels [i*s, (i+1)*s): enlarge by the stride, then crop the part of
+        # the last cells that lies in the model's padding.
+        cells = colour_map(level, directions)
+        full = (round(cols * stride * scale), round(rows * stride * scale))
+        resample = Image.Resampling.NEAREST if stride * scale >= 1 else Image.Resampling.BOX
+        panel = cells.resize(full, resample).crop((0, 0, width, height))
+        panels.append(((f"Level {i + 1} · stride {stride}", f"{c} channels x {rows} high x {cols} wide"), panel))
+
+    title_font, text_font = _font(_TITLE_SIZE), _font(_TEXT_SIZE)
+    line = _TEXT_SIZE + 6
+    label_height = 2 * line
+    # a column is as wide as its panel or its widest label, whichever is wider
+    column = max([width] + [math.ceil(text_font.getlength(text)) for label, _ in panels for text in label])
+    cell_w, cell_h = column + _GAP, label_height + height + _GAP
+    # the caption fills the grid cell after the panels, as deep as its text needs
+    notes: list[tuple[str, tuple[int, int, int]]] = []
+    for paragraph, colour in [(alert, _ALERT)] * bool(alert) + [(text, (0, 0, 0)) for text in caption]:
+        notes += [(text, colour) for text in _wrap(paragraph, text_font, column)] + [("", colour)]
+    title_lines = _wrap(title, title_font, _COLUMNS * cell_w - _GAP)
+    title_height = _MARGIN + len(title_lines) * (_TITLE_SIZE + 6) + _MARGIN // 2 * bool(title_lines)
+    last = len(panels)
+    notes_top = title_height + (last // _COLUMNS) * cell_h
+    bottom = max(title_height + math.ceil((len(panels) + 1) / _COLUMNS) * cell_h - _GAP, notes_top + len(notes) * line)
+    picture = Image.new("RGB", (2 * _MARGIN + _COLUMNS * cell_w - _GAP, bottom + _MARGIN), "white")
     draw = ImageDraw.Draw(picture)
-    for i, (label, panel) in enumerate(panels):
-        left = i * (width + _GAP)
-        picture.paste(panel, (left, _LABEL_HEIGHT))
-        draw.text((left + 2, 1), label, fill="black")
+    for i, text in enumerate(title_lines):
+        draw.text((_MARGIN, _MARGIN + i * (_TITLE_SIZE + 6)), text, fill="black", font=title_font)
+    for n, ((heading, detail), panel) in enumerate(panels):
+        left, top = _MARGIN + (n % _COLUMNS) * cell_w, title_height + (n // _COLUMNS) * cell_h
+        draw.text((left, top), heading, fill="black", font=text_font)
+        draw.text((left, top + line), detail, fill=(90, 90, 90), font=text_font)
+        picture.paste(panel, (left, top + label_height))
+    for i, (text, colour) in enumerate(notes):
+        draw.text((_MARGIN + (last % _COLUMNS) * cell_w, notes_top + i * line), text, fill=colour, font=text_font)
     return picture
+
+
+def _panel_scale(w: int, h: int, finest_stride: int) -> float:
+    """Input pixels -> panel pixels: as large as fits the panel box, and when a finest-level cell
+    spans at least one panel pixel, the nearest whole number of them, so that equal cells look equal."""
+    scale = min(_PANEL_BOX[0] / w, _PANEL_BOX[1] / h)
+    cell = scale * finest_stride
+    return round(cell) / finest_stride if cell >= 1 else scale
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    # Pillow's bundled scalable font (a fixed-size bitmap font where Pillow lacks FreeType)
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
