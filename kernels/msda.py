@@ -1,4 +1,5 @@
-"""Triton kernels for multi-scale deformable attention, forward and backward.
+"""Triton kernels for multi-scale deformable attention, forward and backward (the op is defined in
+docs/upstream.md, "Deformable attention").
 
 One program handles ``BLOCK_Q`` queries of one (batch, head) pair and all of the head's channels.
 For every level and point it computes the bilinear corners in registers and gathers the value rows,

@@ -119,7 +119,8 @@ def test_checkpoint_that_does_not_fit_names_the_keys():
         vitadapter.load_upstream(cfg, "segmentation", ckpt)
 
 
-# parameter counts of the upstream classes, SPEC §6 (ViT part includes the unused cls slot of pos_embed)
+# parameter counts of the upstream classes (docs/upstream.md, "Released configurations"; their ViT
+# part includes the unused cls slot of pos_embed)
 UPSTREAM_PARAMS = {"t": 7_966_640, "s": 27_503_888, "b": 99_495_392, "l": 326_973_632}
 UPSTREAM_ADAPTER = {"t": 2_438_192, "s": 5_830_160, "b": 13_680_608, "l": 23_236_800}
 

@@ -1,4 +1,5 @@
-"""Deformable attention: the reference op against a direct transcription of SPEC §2, and its module."""
+"""Deformable attention: the reference op against a direct transcription of its definition
+(docs/upstream.md), and its module."""
 import math
 
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ def naive_msda(value, shapes, loc, weights):
 
 
 def grid_sample_msda(value, shapes, loc, weights):
-    """SPEC §2's statement of the op: F.grid_sample per level, weighted and summed."""
+    """The op as docs/upstream.md states it: F.grid_sample per level, weighted and summed."""
     b_, _, heads, dim = value.shape
     _, q_, _, levels, points, _ = loc.shape
     out, start = 0, 0

@@ -142,7 +142,7 @@ def test_imagenet_trunk_loads_into_the_vit_with_a_fresh_adapter(tmp_path):
     assert torch.equal(vit["blocks.3.attn.qkv.weight"], timm_state["blocks.3.attn.qkv.weight"])
     assert torch.equal(vit["patch_embed.proj.weight"], timm_state["patch_embed.proj.weight"])
     assert torch.equal(vit["blocks.0.ls1.gamma"], torch.ones(192))  # layer scale stays at its 1.0 init
-    # the adapter is upstream's fresh initialisation (SPEC §2-§3)
+    # the adapter is upstream's fresh initialisation (docs/upstream.md, "Initialisation")
     assert not model.interactions[0].injector.gamma.any()
     assert not model.interactions[2].extractor.attn.attention_weights.weight.any()
 

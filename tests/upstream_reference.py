@@ -1,4 +1,4 @@
-"""An independent, functional transcription of upstream's ViTAdapter forward (SPEC §1-§4).
+"""An independent, functional transcription of upstream's ViTAdapter forward (docs/upstream.md).
 
 It reads an upstream-layout state dict directly (``pos_embed`` with its cls slot, ``gamma1``...),
 uses explicit softmax attention, upstream's ``N // 21`` split of the pyramid tokens and the

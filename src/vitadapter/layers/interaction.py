@@ -1,4 +1,5 @@
-"""Injector, extractor and their ConvFFN: the two directions of ViT <-> pyramid exchange."""
+"""Injector, extractor and their ConvFFN: the two directions of ViT <-> pyramid exchange
+(docs/upstream.md, "Forward")."""
 from __future__ import annotations
 
 from functools import partial

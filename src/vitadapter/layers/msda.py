@@ -1,4 +1,5 @@
-"""The multi-scale deformable attention module: projections around the op."""
+"""The multi-scale deformable attention module: projections around the op (docs/upstream.md,
+"Deformable attention")."""
 from __future__ import annotations
 
 import math

@@ -1,8 +1,8 @@
 """Multi-scale deformable attention as one torch op: ``vitadapter::ms_deform_attn``.
 
-Semantics: per head, level and point, a bilinear sample of the value map at pixel
-``location * size - 0.5`` (corners off the map count as zero), weighted and summed; exactly
-``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level.
+Semantics (docs/upstream.md, "Deformable attention"): per head, level and point, a bilinear sample
+of the value map at pixel ``location * size - 0.5`` (corners off the map count as zero), weighted
+and summed; exactly ``F.grid_sample(..., padding_mode="zeros", align_corners=False)`` per level.
 
 Two implementations behind one op, registered with ``torch.library`` (fake tensor support and
 autograd included, so it works under ``torch.compile`` and ``torch.export``):

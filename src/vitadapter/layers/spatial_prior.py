@@ -1,4 +1,5 @@
-"""Spatial prior module: a small conv stem that gives the adapter its stride 4-32 maps."""
+"""Spatial prior module: a small conv stem that gives the adapter its stride 4-32 maps
+(docs/upstream.md, "Forward")."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,8 @@
 Upstream projects qkv first and then zero-pads q, k and v on the right/bottom to a multiple of the
 window, attending within each window without a mask: padded positions take part in the softmax with
 zero keys (score 0) and zero values. Reproducing that exactly is what makes detection checkpoints
-give upstream's numbers when the grid is not a multiple of the window.
+give upstream's numbers when the grid is not a multiple of the window (docs/upstream.md, "Windowed
+attention").
 """
 from __future__ import annotations
 
