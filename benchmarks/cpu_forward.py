@@ -1,14 +1,17 @@
-"""CPU forward time of vitadapter against a plain timm ViT of the same size, per FLOP.
+"""CPU forward time of vitadapter, upstream ViT-Adapter and a plain timm ViT of the same size, in one run.
 
-Method (../shared/BENCHMARKS.md): fp32, batch 1, 512x512, 2 threads, one process, alternating
-runs (adapter, ViT, adapter, ViT, ...), median after a warm-up. FLOPs are counted with
-FlopCounterMode under the math SDPA backend so that attention counts on both sides.
-"time per FLOP" = (adapter time / ViT time) / (adapter FLOPs / ViT FLOPs): 1.0 means the adapter's
-extra work runs as efficiently as the ViT itself. Upstream's own forward cannot run here (it needs
-mmcv), so "speed-up vs upstream" compares time ratios to the plain ViT: upstream's ratio from
-../shared/BENCHMARKS.md (measured on this machine kind) over the ratio measured now.
+Method: fp32, batch 1, 512x512, eval mode, ``--threads`` threads, one process. After a warm-up the
+models run in turn (vitadapter, upstream, ViT, vitadapter, ...) ``--runs`` times; each column is
+the median. Ratios compare numbers of this run only: the CPU and whatever else runs on it change
+absolute times. FLOPs are counted as ``vitadapter.catalog.count_flops`` does (attention included).
+"time per FLOP" = (vitadapter time / ViT time) / (vitadapter FLOPs / ViT FLOPs): 1.0 means the
+adapter's extra work runs as efficiently as the ViT itself.
 
-    python benchmarks/cpu_forward.py [--sizes t s b] [--runs 5] [--threads 2]
+Upstream is its own segmentation ViTAdapter with its pure-PyTorch deformable attention (see
+``upstream_code.py``), given vitadapter's weights so that the outputs can be compared; without
+``VITADAPTER_UPSTREAM`` its columns are left out.
+
+    VITADAPTER_UPSTREAM=/path/to/ViT-Adapter.git python benchmarks/cpu_forward.py [--sizes t s b] [--runs 7]
 """
 from __future__ import annotations
 
@@ -17,80 +20,81 @@ import datetime
 import platform
 import statistics
 import time
+from typing import Callable
 
 import timm
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
+import upstream_code
 import vitadapter
+from vitadapter.catalog import count_flops
 
 PLAIN_VIT = {"t": "deit_tiny_patch16_224", "s": "deit_small_patch16_224", "b": "deit_base_patch16_224"}
-# ../shared/BENCHMARKS.md, measured on this machine kind with upstream's pure-PyTorch path:
-# upstream forward time / plain timm ViT time, and upstream's time per FLOP
-UPSTREAM_TIME_RATIO = {"t": 1.017 / 0.190, "s": 2.169 / 0.506, "b": 4.632 / 1.529}
-UPSTREAM_TIME_PER_FLOP = {"t": 2.71, "s": 2.54, "b": 2.06}
 
 
-def count_flops(model: torch.nn.Module, image: torch.Tensor) -> int:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(image)
-    return counter.get_total_flops()
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
-def seconds(model: torch.nn.Module, image: torch.Tensor) -> float:
+def seconds(forward: Callable[[torch.Tensor], object], image: torch.Tensor) -> float:
     start = time.perf_counter()
-    model(image)
+    forward(image)
     return time.perf_counter() - start
 
 
-def measure(size: str, runs: int, resolution: int) -> dict:
+def measure(size: str, runs: int, resolution: int, with_upstream: bool) -> dict:
     torch.manual_seed(0)
-    adapter = vitadapter.create_model(f"vit_adapter_{size}").eval()
+    ours = vitadapter.create_model(f"vit_adapter_{size}").eval()
     plain = timm.create_model(PLAIN_VIT[size], img_size=resolution, num_classes=0).eval()
+    models = {"ours": ours, "plain": plain.forward_features}
     image = torch.randn(1, 3, resolution, resolution)
-    flops = (count_flops(adapter, image), count_flops(plain, image))
-    times: tuple[list[float], list[float]] = ([], [])
+    result = {"size": size.upper(), "flop_ratio": count_flops(ours, image) / count_flops(plain, image)}
+    if with_upstream:
+        upstream = upstream_code.build(ours.model_args)
+        vitadapter.upstream.load_checkpoint(ours, {"state_dict": upstream.state_dict()})
+        with torch.inference_mode():
+            diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours(image), upstream(image)))
+        models["upstream"] = upstream
+        result["max_rel_diff"] = diff
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for model in (adapter, plain):
-            seconds(model, image)
+        for forward in models.values():
+            forward(image)
         for _ in range(runs):
-            for model, record in zip((adapter, plain), times):
-                record.append(seconds(model, image))
-    t_adapter, t_plain = (statistics.median(t) for t in times)
-    time_per_flop = (t_adapter / t_plain) / (flops[0] / flops[1])
-    return {
-        "size": size.upper(),
-        "adapter_s": t_adapter,
-        "vit_s": t_plain,
-        "time_ratio": t_adapter / t_plain,
-        "flop_ratio": flops[0] / flops[1],
-        "gflops": flops[0] / 1e9,
-        "time_per_flop": time_per_flop,
-        "vs_upstream": UPSTREAM_TIME_RATIO[size] / (t_adapter / t_plain),
-    }
+            for name, forward in models.items():
+                times[name].append(seconds(forward, image))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    result.update(medians)
+    result["time_per_flop"] = medians["ours"] / medians["plain"] / result["flop_ratio"]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["t", "s", "b"], choices=sorted(PLAIN_VIT))
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    with_upstream = upstream_code.snapshot() is not None
 
-    print(f"# {datetime.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"timm {timm.__version__}, {args.threads} threads, fp32, batch 1, {args.resolution}x{args.resolution}, "
-          f"median of {args.runs} alternating runs")
-    print("| size | vitadapter | plain timm ViT | time ratio | FLOP ratio | time per FLOP | upstream time per FLOP "
-          "| speed-up vs upstream |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# {datetime.date.today()}, {cpu_name()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, timm {timm.__version__}, fp32, batch 1, {args.resolution}x{args.resolution}, "
+          f"median of {args.runs} runs in turn" + ("" if with_upstream else f"; no upstream ({upstream_code.ENV} unset)"))
+    upstream_head = " upstream | speed-up vs upstream | max rel. diff |" if with_upstream else ""
+    print(f"| size | vitadapter |{upstream_head} plain timm ViT | time ratio | FLOP ratio | time per FLOP |")
+    print("|---" * (6 + 3 * with_upstream) + "|")
     for size in args.sizes:
-        r = measure(size, args.runs, args.resolution)
-        print(f"| {r['size']} | {r['adapter_s']:.3f} s | {r['vit_s']:.3f} s | {r['time_ratio']:.2f} | "
-              f"{r['flop_ratio']:.2f} | {r['time_per_flop']:.2f} | {UPSTREAM_TIME_PER_FLOP[size]:.2f} | "
-              f"{r['vs_upstream']:.2f}x |", flush=True)
+        r = measure(size, args.runs, args.resolution, with_upstream)
+        upstream_cells = (f" {r['upstream']:.3f} s | {r['upstream'] / r['ours']:.2f}x | {r['max_rel_diff']:.1e} |"
+                          if with_upstream else "")
+        print(f"| {r['size']} | {r['ours']:.3f} s |{upstream_cells} {r['plain']:.3f} s | {r['ours'] / r['plain']:.2f} | "
+              f"{r['flop_ratio']:.2f} | {r['time_per_flop']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
