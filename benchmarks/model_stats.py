@@ -1,6 +1,7 @@
 """Parameter counts and GMACs (at 512x512, batch 1) of every registered architecture.
 
-GMACs = FLOPs / 2 from torch's FlopCounterMode under the math SDPA backend (attention counted).
+GMACs = FLOPs / 2 counted by ``vitadapter.catalog.count_flops`` (what ``vitadapter describe`` shows
+at the default size): torch's FlopCounterMode under the math SDPA backend, attention counted.
 Model and image live on the meta device: shapes and counts only, so even the 7B trunk costs no
 memory. The deformable-attention op has no FLOP formula and is not counted (it is a few percent).
 
@@ -11,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitadapter
+from vitadapter.catalog import count_flops
 
 
 def main() -> None:
@@ -32,9 +32,7 @@ def main() -> None:
             image = torch.randn(1, 3, args.resolution, args.resolution)
         total = sum(p.numel() for p in model.parameters())
         vit = sum(p.numel() for p in model.vit.parameters())
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.inference_mode():
-            model(image)
-        print(f"| {name} | {total:,} | {vit:,} | {total - vit:,} | {counter.get_total_flops() / 2e9:.1f} |", flush=True)
+        print(f"| {name} | {total:,} | {vit:,} | {total - vit:,} | {count_flops(model, image) / 2e9:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
