@@ -105,11 +105,21 @@ def test_bfloat16_backward_accumulates_in_float32():
     assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+# float64 gradchecks: gradcheck runs the forward twice per input element, and a Triton kernel costs
+# ~0.15 s a call in the interpreter, so the kernels get the smallest inputs that still have two
+# levels, two heads, two channels and two queries (points per level, larger maps and the border are
+# covered entry by entry against autograd of the reference above); the reference gets more.
+GRADCHECK_SIZES = {
+    "triton": dict(shapes=[(2, 3), (1, 2)], queries=2, heads=2, head_dim=2, points=1),
+    "reference": dict(shapes=[(3, 4), (2, 2)], queries=3, heads=2, head_dim=3, points=2),
+}
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_op_gradcheck_float64(backend):
-    shapes = [(3, 4), (2, 2)]
-    (value, loc, attn), spatial, starts = make_inputs(shapes, batch=1, queries=3, heads=2, head_dim=3,
-                                                      dtype=torch.float64, spread=1.0)
+    sizes = dict(GRADCHECK_SIZES[backend])
+    (value, loc, attn), spatial, starts = make_inputs(sizes.pop("shapes"), batch=1, dtype=torch.float64, spread=1.0,
+                                                      **sizes)
     inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
     assert torch.autograd.gradcheck(
         lambda v, l, a: ms_deform_attn_op(v, spatial, starts, l, a, backend), inputs, atol=1e-6
@@ -144,7 +154,7 @@ def test_autocast_keeps_bfloat16_and_model_runs_on_triton_backend():
     """Under autocast the op takes the dtypes it is given; the adapter runs on either backend."""
     model = vitadapter.create_model("vit_adapter_t", embed_dim=24, depth=4, num_heads=3, deform_num_heads=3,
                                     conv_inplane=8).eval().to(DEVICE)
-    image = torch.randn(1, 3, 64, 64, device=DEVICE)
+    image = torch.randn(1, 3, 32, 64, device=DEVICE)  # small: the kernels run in the interpreter without a GPU
     with torch.no_grad():
         ref = model(image)
         for m in model.modules():
@@ -190,8 +200,9 @@ def test_fused_kernel_equals_the_reference_path(case):
 
 
 def test_fused_gradcheck_float64_and_opcheck():
-    shapes = [(3, 4), (2, 2)]
-    value, ref, offsets, logits = make_projections(shapes, batch=1, queries=3, heads=2, head_dim=3, dtype=torch.float64)
+    sizes = dict(GRADCHECK_SIZES["triton"])
+    shapes = sizes.pop("shapes")
+    value, ref, offsets, logits = make_projections(shapes, batch=1, dtype=torch.float64, **sizes)
     inputs = tuple(t.requires_grad_() for t in (value, offsets, logits))
     assert torch.autograd.gradcheck(
         lambda v, o, lg: deform_attn_from_projections(v, shapes, ref, o, lg, "triton"), inputs, atol=1e-6
