@@ -1,9 +1,10 @@
 """Parameter counts and GMACs (at 512x512, batch 1) of every registered architecture.
 
-GMACs = FLOPs / 2 counted by ``vitadapter.catalog.count_flops`` (what ``vitadapter describe`` shows
-at the default size): torch's FlopCounterMode under the math SDPA backend, attention counted.
-Model and image live on the meta device: shapes and counts only, so even the 7B trunk costs no
-memory. The deformable-attention op has no FLOP formula and is not counted (it is a few percent).
+GMACs = FLOPs / 2 counted as ``vitadapter describe`` counts them at the default size
+(``vitadapter.catalog.flops_without_memory``): torch's FlopCounterMode under the math SDPA backend,
+attention counted, the model built on the meta device and run on fake tensors, so even the 7B trunk
+costs no memory. The deformable-attention op has no FLOP formula and is not counted (it is a few
+percent).
 
     python benchmarks/model_stats.py [--resolution 512] [--pattern 'beit*']
 """
@@ -14,7 +15,7 @@ import argparse
 import torch
 
 import vitadapter
-from vitadapter.catalog import count_flops
+from vitadapter.catalog import flops_without_memory
 
 
 def main() -> None:
@@ -29,10 +30,10 @@ def main() -> None:
             continue
         with torch.device("meta"):
             model = vitadapter.create_model(name).eval()
-            image = torch.randn(1, 3, args.resolution, args.resolution)
         total = sum(p.numel() for p in model.parameters())
         vit = sum(p.numel() for p in model.vit.parameters())
-        print(f"| {name} | {total:,} | {vit:,} | {total - vit:,} | {count_flops(model, image) / 2e9:.1f} |", flush=True)
+        gmacs = flops_without_memory(model, (3, args.resolution, args.resolution)) / 2e9
+        print(f"| {name} | {total:,} | {vit:,} | {total - vit:,} | {gmacs:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def _list(args: argparse.Namespace) -> int:
         # as timm's list_pretrained: a pattern without a tag also matches every tag of the names
         patterns = [args.pattern or "*"] + ([f"{args.pattern}.*"] if args.pattern and "." not in args.pattern else [])
         names = [name for name in entries["weights"] if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-        defaults = {f"{arch}.{entry['default_tag']}" for arch, entry in entries["architectures"].items()}
+        defaults = {f"{arch}.{entry['default_tag']}" for arch, entry in entries["architectures"].items() if entry["default_tag"]}
         width = max(map(len, names), default=0)
         for name in names:
             marks = ("default" if name in defaults else "", "cached" if _cached_weights(entries["weights"][name]) else "")
@@ -70,6 +70,9 @@ def _describe(args: argparse.Namespace) -> int:
     if arch not in entries["architectures"]:
         raise UsageError(f"unknown model {args.name!r}; `vitadapter list` shows the {len(entries['architectures'])} architectures")
     entry = entries["architectures"][arch]
+    if "requires" in entry:
+        print(f"{args.name} is built from arguments, not a fixed configuration: {entry['requires']}")
+        return 0
     name = f"{arch}.{tag or entry['default_tag']}"
     if name not in entries["weights"]:
         tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
@@ -245,9 +248,10 @@ def _download_to_come(model: str) -> Optional[tuple[str, str]]:
     """(arch.tag, source) when ``model`` names registered weights that are not in the cache yet."""
     entries = catalog.load()
     arch, _, tag = model.partition(".")
-    if arch not in entries["architectures"]:
+    default = entries["architectures"].get(arch, {}).get("default_tag")
+    if default is None:
         return None
-    name = f"{arch}.{tag or entries['architectures'][arch]['default_tag']}"
+    name = f"{arch}.{tag or default}"
     weights = entries["weights"].get(name)
     if weights is None or _cached_weights(weights):
         return None
@@ -527,6 +531,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader of stdout left (`vitadapter list | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         if debug:
             raise
