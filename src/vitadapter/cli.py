@@ -307,13 +307,16 @@ def _picture(
         caption=[line for line in caption if line], alert=alert,
     )
 
+    from_size = "" if image.size == original.size else f", resized from {original.width}x{original.height}"
     rows = [
         f"model: {args.model}",
         f"weights: {weights or _RANDOM.format(seed=args.seed)}",
-        f"input: {name}, {image.width}x{image.height} (W x H){'' if image.size == original.size else f', resized from {original.width}x{original.height}'}",
+        f"input: {name}, {image.width}x{image.height} (W x H){from_size}",
         "level  stride     C     H     W",
     ]
-    rows += [f"{i + 1:>5}  {s:>6}  {c:>4}  {h:>4}  {w:>4}" for i, (s, (c, h, w)) in enumerate(zip(strides, (l.shape for l in levels)))]
+    for i, (stride, level) in enumerate(zip(strides, levels)):
+        c, h, w = level.shape
+        rows.append(f"{i + 1:>5}  {stride:>6}  {c:>4}  {h:>4}  {w:>4}")
     return picture, "\n".join(rows)
 
 
