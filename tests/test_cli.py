@@ -15,6 +15,7 @@ from huggingface_hub import constants, hf_hub_download
 from PIL import Image
 from safetensors.torch import save_file
 
+from conftest import FIXTURES
 from local_server import LocalServer
 from vitadapter import catalog, create_model, list_models, list_pretrained
 from vitadapter.cli import main, torch_hub_dir
@@ -262,7 +263,8 @@ def test_features_pretrained_without_the_weights_is_one_line_pointing_at_weights
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["--model", "vit_adapter_xl"], ["vit_adapter_xl"]),
+        (["--model", "vit_adapter_xl"], ["--model vit_adapter_xl: unknown model", "vitadapter list"]),
+        (["--model", "vit_adapter_s.upernet"], ["--model vit_adapter_s.upernet", "deit_upernet_ade20k"]),
         (["--out", "picture"], ["--out picture", "without an extension"]),
         (["--out", "picture.xyz"], ["'.xyz'"]),
         (["--out", "absent/p.png"], ["--out absent/p.png", "does not exist"]),
@@ -297,6 +299,10 @@ def test_files_that_cannot_be_checkpoints_are_refused_up_front(tmp_path, capsys)
     assert_one_line_error(capsys, f"--weights {notes} is not a checkpoint")
     assert main(["convert", str(tmp_path / "none.pth"), str(tmp_path / "out"), "--arch", "vit_adapter_t"]) == 2
     assert_one_line_error(capsys, "none.pth: no such file")
+    assert main(["convert", str(notes), str(tmp_path / "out"), "--arch", "vit_adapter_xs"]) == 2
+    assert_one_line_error(capsys, "is not a checkpoint")
+    assert main(["convert", str(FIXTURES / "seg_vit.pth"), str(tmp_path / "out"), "--arch", "vit_adapter_xs"]) == 2
+    assert_one_line_error(capsys, "--arch vit_adapter_xs: unknown model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 

@@ -65,18 +65,16 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
+    if ":" in args.name:
+        raise UsageError(f"describe {args.name}: describe takes a registered name, see `vitadapter list`")
+    _check_model_name(args.name, "describe")
     entries = catalog.load()
     arch, _, tag = args.name.partition(".")
-    if arch not in entries["architectures"]:
-        raise UsageError(f"unknown model {args.name!r}; `vitadapter list` shows the {len(entries['architectures'])} architectures")
     entry = entries["architectures"][arch]
     if "requires" in entry:
         print(f"{args.name} is built from arguments, not a fixed configuration: {entry['requires']}")
         return 0
     name = f"{arch}.{tag or entry['default_tag']}"
-    if name not in entries["weights"]:
-        tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
-        raise UsageError(f"unknown weight tag {tag!r} for {arch}; it has: {tags}")
     weights = entries["weights"][name]
     total, vit = entry["parameters"], entry["vit_parameters"]
     _, height, width = entry["input_size"]
@@ -137,6 +135,9 @@ def _features(args: argparse.Namespace) -> int:
         _check_picture_path(out)
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: for a folder of images this names a folder of pictures, and it is a file")
+    _check_model_name(args.model, "--model")
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
     device = _device(args.device)
     model, weights = _features_model(args, device)
     if not folder:
@@ -217,7 +218,6 @@ def _features_model(args: argparse.Namespace, device: "torch.device") -> tuple["
 
     torch.manual_seed(args.seed)
     if args.weights is not None:
-        _check_weights_file(args.weights, "--weights")
         model = create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights))
         return model.eval().to(device), args.weights
     if not args.pretrained:
@@ -350,13 +350,15 @@ def _resize_short_side(image: "Image.Image", size: int) -> "Image.Image":
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .hub import read_weights
-    from .upstream import load_checkpoint
-
     _check_weights_file(args.src, "convert")
+    if args.arch:
+        _check_model_name(args.arch, "--arch")
     dst = Path(args.dst)
     if dst.exists():
         raise _exists(dst)
+    from .hub import read_weights
+    from .upstream import load_checkpoint
+
     model, pretrained_cfg = _model_to_convert(args)
     # One line per step on stderr: readable in a terminal and in a log file alike.
     _step(1, f"reading {args.src}")
@@ -367,6 +369,19 @@ def _convert(args: argparse.Namespace) -> int:
     _save_new_folder(model, dst, pretrained_cfg)
     _print_summary(model, conversion, dst)
     return 0
+
+
+def _check_model_name(name: str, option: str) -> None:
+    """Refuse an unknown architecture or tag from the catalog, before torch loads (seconds)."""
+    if ":" in name:  # local-dir: and hf-hub: folders are read when the model is built
+        return
+    entries = catalog.load()
+    arch, _, tag = name.partition(".")
+    if arch not in entries["architectures"]:
+        raise UsageError(f"{option} {name}: unknown model; `vitadapter list` shows the architectures")
+    if tag and name not in entries["weights"]:
+        tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
+        raise UsageError(f"{option} {name}: {arch} has no tag {tag!r}; it has: {tags or 'none'}")
 
 
 def _check_weights_file(path: str, option: str) -> None:
