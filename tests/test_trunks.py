@@ -254,3 +254,14 @@ def test_dinov2_swiglu_checkpoint_keys():
     expected = torch.nn.functional.silu(x @ w1.T + b1) * (x @ w2.T + b2) @ w3.T + b3
     assert max_rel_err(loaded.vit.blocks[1].mlp(x), expected) <= 1e-5
     assert torch.equal(loaded.vit.blocks[1].ls1.gamma, theirs["blocks.1.gamma1"])
+
+
+def test_dinov3_checkpoint_rope_periods_are_used():
+    """Released DINOv3 files store their own (bf16-rounded) RoPE periods; those replace timm's."""
+    _, config, ckpt, io = _dino_fixture("dinov3")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state["backbone.rope_embed.periods"] = state["backbone.rope_embed.periods"].bfloat16().float() * 1.5
+    model = vitadapter.load_upstream(config, "dinov3", state).eval()
+    assert torch.equal(model.vit.rope.periods, state["backbone.rope_embed.periods"])
+    with torch.no_grad():
+        assert max_rel_err(model(io["input"])[2], io["out2"]) > 1e-3  # other periods, other numbers

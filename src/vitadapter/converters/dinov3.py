@@ -68,14 +68,18 @@ def adapter_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
 def convert_state(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``backbone.*`` through timm's DINOv3 key map (under ``vit.``), the adapter keys as they are.
 
-    timm recomputes the RoPE periods; released files store theirs (rounded to bf16), and those are
-    the ones the trunk was trained with, so they are kept when the model has the buffer."""
+    timm recomputes the RoPE periods; released files store theirs (rounded to bf16), the ones the
+    trunk was trained with, so they replace timm's (a buffer outside the state dict)."""
     trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     out = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     for key, value in checkpoint_filter_fn(trunk, model.vit).items():
         out["vit." + key] = value
-    own = model.state_dict()
     periods = trunk.get("rope_embed.periods")
-    if periods is not None and "vit.rope.periods" in own:
-        out["vit.rope.periods"] = periods
+    rope = getattr(model.vit, "rope", None)
+    if periods is not None and isinstance(getattr(rope, "periods", None), torch.Tensor):
+        if periods.shape != rope.periods.shape:
+            raise ValueError(f"rope_embed.periods: checkpoint {tuple(periods.shape)} vs model {tuple(rope.periods.shape)}")
+        # timm keeps the periods out of the state dict, so they are set on the module directly
+        with torch.no_grad():
+            rope.periods.copy_(periods)
     return out

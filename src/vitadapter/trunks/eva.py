@@ -1,7 +1,8 @@
 """Drive a timm ``Eva`` (EVA-02, DINOv3) for the adapter: blocks take rotary position embeddings.
 
-The rotary embedding depends only on the token grid, so it is built once per grid and device and
-reused by every block group of a forward (and later forwards at the same size).
+The rotary embedding depends only on the token grid and the rope's buffers, so it is built once per
+grid, device and buffer version (loading new periods invalidates it) and reused by every block of a
+forward and by later forwards at the same size.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ class EvaTrunk(TrunkDriver):
     def _rope(self, grid: Grid, device: torch.device) -> Optional[torch.Tensor]:
         if self.model.rope is None:
             return None
-        key = (grid, device)
+        rope = self.model.rope
+        key = (grid, device, tuple(b._version for b in rope.buffers()))
         if key not in self._rope_cache:
-            rope = self.model.rope.get_embed(shape=list(grid))
+            self._rope_cache.clear()  # one live entry: older keys are stale versions or other sizes
+            rope = rope.get_embed(shape=list(grid))
             if rope.shape[-2] != grid[0] * grid[1]:
                 raise ValueError(
                     f"this Eva's rotary embedding is fixed to its build grid, not {grid[0]}x{grid[1]}: "
