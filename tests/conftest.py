@@ -27,3 +27,20 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def backbone_archs() -> list[str]:
+    """Registered architectures that return a pyramid (segmentors excluded)."""
+    import timm
+
+    from vitadapter.models import BACKBONE_MODULES
+
+    return sorted(a for m in BACKBONE_MODULES for a in timm.list_models(module=m))
+
+
+def backbone_tags() -> list[str]:
+    """``arch.tag`` names with weights whose architecture is a backbone."""
+    import vitadapter
+
+    archs = set(backbone_archs())
+    return [n for n in vitadapter.list_pretrained() if n.split(".", 1)[0] in archs]

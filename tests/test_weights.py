@@ -16,7 +16,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 import vitadapter
-from conftest import FIXTURES, load_fixture, max_rel_err
+from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_rel_err
 from local_server import LocalServer
 from vitadapter import hub
 from vitadapter.cli import main
@@ -63,7 +63,7 @@ def tiny_timm_deit(path: Path) -> dict:
 
 
 def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
-    for arch in vitadapter.list_models():
+    for arch in backbone_archs():
         if arch == "vit_adapter":  # any trunk: its weights are the trunk's own timm tag
             continue
         tags = vitadapter.list_pretrained(f"{arch}.*")
@@ -75,7 +75,7 @@ def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
 
 def test_foundation_trunk_tags_are_the_trunks_own_timm_tags():
     """For archs on a timm trunk by name, each Hub tag is that very trunk's timm repo and tag."""
-    for name in vitadapter.list_pretrained():
+    for name in backbone_tags():
         cfg = timm.models.get_pretrained_cfg(name)
         if not cfg.hf_hub_id:
             continue
@@ -93,7 +93,7 @@ def test_trunk_tags_name_repos_in_timms_registry():
         "augreg_in21k_ft_in1k": "vit_{}_patch16_{}.augreg_in21k_ft_in1k",
     }
     sizes = {"t": "tiny", "s": "small", "b": "base", "l": "large"}
-    for name in vitadapter.list_pretrained():
+    for name in backbone_tags():
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg.tag not in timm_names:
             continue
@@ -107,7 +107,7 @@ def test_trunk_tags_name_repos_in_timms_registry():
 
 
 def test_upstream_tags_are_release_files_with_the_right_flavour():
-    for name in vitadapter.list_pretrained():
+    for name in backbone_tags():
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg.hf_hub_id:  # ImageNet trunk tags
             continue

@@ -22,11 +22,13 @@ _EXPORTS = {
     "list_models": "_factory",
     "list_pretrained": "_factory",
     "load_upstream": "upstream",
+    "load_upstream_segmentor": "converters.mmseg",
+    "Segmentor": "models",
     "ms_deform_attn": "layers.msda_op",
     "push_to_hub": "hub",
     "save_pretrained": "hub",
 }
-_SUBPACKAGES = ("hub", "kernels", "layers", "models", "trunks", "upstream", "visualize")
+_SUBPACKAGES = ("converters", "data", "heads", "hub", "kernels", "layers", "models", "trunks", "upstream", "visualize")
 # modules that do not import torch (what the command needs to start)
 _LIGHT = ("catalog", "cli")
 
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
     from ._factory import create_model, list_models, list_pretrained
     from .hub import push_to_hub, save_pretrained
     from .layers.msda_op import ms_deform_attn
-    from .models import ViTAdapter
+    from .converters.mmseg import load_upstream_segmentor
+    from .models import Segmentor, ViTAdapter
     from .upstream import load_upstream
 
 

@@ -43,11 +43,14 @@ def architecture(arch: str, flops: bool = True) -> dict[str, Any]:
             model = create_model(arch).eval()
     except ValueError as e:
         return dict(entry, requires=str(e))
+    backbone = getattr(model, "backbone", model)  # a segmentor's, or the backbone itself
     entry.update(
         parameters=sum(p.numel() for p in model.parameters()),
-        vit_parameters=sum(p.numel() for p in model.vit.parameters()),
-        levels=[{"channels": info["num_chs"], "stride": info["reduction"]} for info in model.feature_info],
+        vit_parameters=sum(p.numel() for p in backbone.vit.parameters()),
+        levels=[{"channels": info["num_chs"], "stride": info["reduction"]} for info in backbone.feature_info],
     )
+    if backbone is not model:
+        entry["num_classes"] = model.num_classes
     if flops:
         entry["flops"] = flops_without_memory(model, default.input_size)
     return entry

@@ -80,7 +80,10 @@ def _describe(args: argparse.Namespace) -> int:
     _, height, width = entry["input_size"]
     others = [n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}.") and n != name]
     print(args.name)
-    print(f"parameters:  {total:,} = {vit:,} ViT (model.vit) + {total - vit:,} adapter")
+    if "num_classes" in entry:
+        print(f"parameters:  {total:,} = {vit:,} ViT (model.backbone.vit) + adapter and heads; {entry['num_classes']} classes")
+    else:
+        print(f"parameters:  {total:,} = {vit:,} ViT (model.vit) + {total - vit:,} adapter")
     print(f"compute:     {entry['flops'] / 2e9:.1f} GMACs for one {width}x{height} image")
     print(f"input:       RGB in [0, 1], normalised with mean {_numbers(weights['mean'])} and std "
           f"{_numbers(weights['std'])}; default size {width}x{height}, any size >= 32x32 works")
@@ -88,7 +91,7 @@ def _describe(args: argparse.Namespace) -> int:
     print(f"weights:     {name}{default} from {_source(weights)}, {'cached' if _cached_weights(weights) else 'not cached yet'}")
     if others:
         print(f"other tags:  {', '.join(others)}")
-    print("levels (feature_info):")
+    print("levels (backbone.feature_info):" if "num_classes" in entry else "levels (feature_info):")
     for i, level in enumerate(entry["levels"]):
         print(f"  level {i + 1}: {level['channels']} channels, reduction {level['stride']}")
     return 0

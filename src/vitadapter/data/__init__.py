@@ -1,0 +1,1 @@
+"""Datasets: class names and palettes of the datasets the released models were trained on."""
