@@ -20,6 +20,7 @@ from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_
 from local_server import LocalServer
 from vitadapter import hub
 from vitadapter.cli import main
+from vitadapter.models.vit_adapter import closest_architecture
 from vitadapter.upstream import InertGlobal, read_checkpoint, upstream_kwargs
 
 RELEASES = "/czczup/ViT-Adapter/releases/download"
@@ -178,7 +179,7 @@ def test_save_pretrained_rebuilds_a_load_upstream_configuration(tmp_path):
     model = vitadapter.load_upstream(meta["backbone"], meta["codebase"], ckpt)
     hub.save_pretrained(model, tmp_path / "det")
     config = json.loads((tmp_path / "det" / "config.json").read_text())
-    assert config["architecture"] == "vit_adapter_t_det"
+    assert config["architecture"] == "vit_adapter"  # a 96-wide, 4-block config is none of the registered ones
     assert config["model_args"]["window_size"] == [7, 7, None, 7]
     assert "url" not in config["pretrained_cfg"] and "hf_hub_id" not in config["pretrained_cfg"]
     again = vitadapter.create_model(f"local-dir:{tmp_path / 'det'}", pretrained=True)
@@ -191,6 +192,15 @@ def test_save_pretrained_rebuilds_a_load_upstream_configuration(tmp_path):
         **fixture_kwargs("det_vit"),
     )
     assert_matches_fixture(alone, "det_vit")
+
+
+def test_config_json_names_the_registered_architecture_only_on_an_exact_match():
+    with torch.device("meta"):
+        det = vitadapter.create_model("vit_adapter_t_det", drop_path_rate=0.3).model_args
+        wider = vitadapter.create_model("vit_adapter_s", cffn_ratio=0.5).model_args
+    assert closest_architecture(det) == "vit_adapter_t_det"  # a training-only rate does not change the function
+    assert closest_architecture(wider) == "vit_adapter"
+    assert closest_architecture(dict(det, window_size=None)) == "vit_adapter"
 
 
 def test_save_pretrained_keeps_tag_provenance_and_takes_overrides(tmp_path):

@@ -603,14 +603,26 @@ _L = dict(embed_dim=1024, depth=24, num_heads=16, deform_num_heads=16, deform_ra
 _SIZES = {"t": _T, "s": _S, "b": _B, "l": _L}
 
 
+# model_args that change training only: a configuration that differs in these is still its architecture
+_TRAINING_ONLY = ("drop_rate", "attn_drop_rate", "drop_path_rate", "freeze_trunk", "pretrained_trunk")
+
+
 def closest_architecture(model_args: Mapping[str, Any]) -> str:
-    """The registered architecture of the same forward flavour and the nearest width. A config.json
-    for a configuration built outside the registry names it; its model_args then rebuild it exactly.
-    Configurations on a timm trunk name the generic ``vit_adapter``."""
-    if model_args.get("trunk") is not None:
-        return "vit_adapter"
-    size = min(_SIZES, key=lambda s: abs(_SIZES[s]["embed_dim"] - model_args["embed_dim"]))
-    return f"vit_adapter_{size}" + ("_det" if model_args["vit_feature_source"] == "final" else "")
+    """The registered architecture ``model_args`` is an instance of (training-only rates aside), else
+    the generic ``vit_adapter``, which rebuilds any configuration from its model_args. A config.json
+    for a model built outside the registry (e.g. by load_upstream) names it."""
+    from timm.models import list_models
+
+    if model_args.get("trunk") is None:
+        wanted = {k: v for k, v in model_args.items() if k not in _TRAINING_ONLY}
+        for arch in list_models(module=__name__.rsplit(".", 1)[-1]):
+            if arch == "vit_adapter":
+                continue
+            with torch.device("meta"):
+                registered = globals()[arch]().model_args
+            if wanted == {k: v for k, v in registered.items() if k not in _TRAINING_ONLY}:
+                return arch
+    return "vit_adapter"
 
 
 def _detection(depth: int) -> dict[str, Any]:
@@ -624,9 +636,14 @@ def _detection(depth: int) -> dict[str, Any]:
 @register_model
 def vit_adapter(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
     """ViT-Adapter on any timm ViT: ``trunk`` is a timm name (``pretrained`` loads its timm weights
-    and the adapter starts fresh) or a timm module; every ``ViTAdapter`` option applies."""
-    if kwargs.get("trunk") is None:
-        raise ValueError("vit_adapter needs trunk=: a timm ViT name (e.g. 'vit_base_patch14_dinov2.lvd142m') or module")
+    and the adapter starts fresh) or a timm module; every ``ViTAdapter`` option applies. Without a
+    trunk, upstream's own ViT of the given ``embed_dim``, ``depth`` and ``num_heads`` (what saved
+    custom upstream configurations rebuild through)."""
+    if kwargs.get("trunk") is None and not {"embed_dim", "depth", "num_heads"} <= set(kwargs):
+        raise ValueError(
+            "vit_adapter needs trunk=: a timm ViT name (e.g. 'vit_base_patch14_dinov2.lvd142m') or module "
+            "(or embed_dim, depth and num_heads for upstream's own ViT)"
+        )
     return _create_vit_adapter("vit_adapter", pretrained, **kwargs)
 
 
