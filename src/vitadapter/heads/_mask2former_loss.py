@@ -60,11 +60,11 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def uncertain_points(mask_logits: torch.Tensor, settings: LossSettings) -> torch.Tensor:
-    """(N, num_points, 2): the most uncertain (|logit| smallest) of oversample_ratio x num_points
+    """mask_logits (N, 1, h, w) -> (N, num_points, 2): the most uncertain (|logit| smallest) of oversample_ratio x num_points
     uniform candidates, then uniform points for the rest."""
     n, device = mask_logits.shape[0], mask_logits.device
     candidates = torch.rand(n, int(settings.num_points * settings.oversample_ratio), 2, device=device)
-    uncertainty = -point_sample(mask_logits[:, None], candidates)[:, 0].abs()
+    uncertainty = -point_sample(mask_logits, candidates)[:, 0].abs()
     k = int(settings.importance_sample_ratio * settings.num_points)
     chosen = uncertainty.topk(k, dim=1).indices
     points = torch.gather(candidates, 1, chosen[..., None].expand(n, k, 2))

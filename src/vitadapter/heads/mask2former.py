@@ -111,10 +111,10 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
 
 
-def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor:
+def pixel_centres(height: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """((j + 0.5) / width, (i + 0.5) / height) of every pixel, row-major: (height * width, 2)."""
-    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
     return torch.stack([xs.expand(height, width), ys[:, None].expand(height, width)], -1).view(-1, 2)
 
 
@@ -154,13 +154,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """features fine to coarse -> (mask features at the finest stride, encoder outputs coarse to fine)."""
         batch, device = features[0].shape[0], features[0].device
+        # locations in at least float32 (the op's convention), in float64 for a float64 model
+        coord_dtype = torch.promote_types(features[0].dtype, torch.float32)
         tokens, positions, centres, shapes = [], [], [], []
         for i, conv in enumerate(self.input_convs):
             x = conv(features[len(features) - 1 - i])
             h, w = x.shape[-2:]
             tokens.append(x.flatten(2).transpose(1, 2))
             positions.append(sine_positions(h, w, x.shape[1], device) + self.level_encoding.weight[i])
-            centres.append(pixel_centres(h, w, device))
+            centres.append(pixel_centres(h, w, device, coord_dtype))
             shapes.append((h, w))
         x = torch.cat(tokens, 1)
         pos = torch.cat(positions, 0).to(x.dtype)
