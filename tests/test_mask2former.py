@@ -274,3 +274,19 @@ def test_converter_maps_the_training_settings():
     bad["assigner"]["mask_cost"]["type"] = "FocalLossCost"
     with pytest.raises(ValueError, match="mask_cost.type"):
         mask2former_head_kwargs(META["decode_head"], bad)
+
+
+def test_converter_follows_mmcv_layer_level_ffn_overrides():
+    """mmcv's transformer layers let layer-level feedforward_channels / ffn_dropout / ffn_num_fcs
+    override ffn_cfgs (the older config style, as in upstream's _base_ pixel decoder)."""
+    cfg = copy.deepcopy(META["decode_head"])
+    enc_layer = cfg["pixel_decoder"]["encoder"]["transformerlayers"]
+    del enc_layer["ffn_cfgs"]
+    enc_layer.update(feedforward_channels=128, ffn_dropout=0.0)
+    dec_layer = cfg["transformer_decoder"]["transformerlayers"]
+    dec_layer["ffn_cfgs"]["feedforward_channels"] = 999
+    kwargs = mask2former_head_kwargs(cfg)
+    assert (kwargs["encoder_ffn_channels"], kwargs["decoder_ffn_channels"]) == (128, 256)
+    dec_layer["ffn_dropout"] = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        mask2former_head_kwargs(cfg)
