@@ -290,3 +290,12 @@ def test_converter_follows_mmcv_layer_level_ffn_overrides():
     dec_layer["ffn_dropout"] = 0.1
     with pytest.raises(ValueError, match="dropout"):
         mask2former_head_kwargs(cfg)
+
+
+def test_compiles_whole_graph():
+    head = randomise(Mask2FormerHead(**OTHER)).eval()
+    feats = features_for(head, 1, ODD_SIZES)
+    with torch.no_grad():
+        expected = head.semantic_logits(feats)
+        got = torch.compile(head.semantic_logits, fullgraph=True, backend="aot_eager")(feats)
+    assert max_rel_err(got, expected) <= 1e-5

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.msda import MSDeformAttn
+from . import _mask2former_loss as L
 
 
 class Mask2FormerOutput(NamedTuple):
@@ -449,8 +450,6 @@ class Mask2FormerHead(nn.Module):
         ``loss_dice`` for the final prediction and ``d{i}.loss_*`` for the earlier ones (``d0``: the
         learned queries); the training objective is their sum.
         """
-        from . import _mask2former_loss as L
-
         targets = L.semantic_targets(labels, self.num_classes, ignore_index)
         class_weight = torch.ones(self.num_classes + 1, device=labels.device)
         class_weight[-1] = self.no_object_weight
