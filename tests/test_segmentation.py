@@ -11,8 +11,8 @@ from torch import nn
 
 import vitadapter
 from vitadapter.converters.mmseg import load_segmentor_checkpoint, load_upstream_segmentor
-from vitadapter.data import ade20k
-from vitadapter.heads import FCNHead, UPerHead
+from vitadapter.data import ade20k, cityscapes, coco_stuff
+from vitadapter.heads import FCNHead, Mask2FormerHead, UPerHead
 from vitadapter.models import SEGMENTOR_MODULES, Segmentor
 
 
@@ -240,19 +240,27 @@ def test_segmentor_refuses_bad_settings():
 
 def test_zoo_names_release_files_and_builds_upstreams_recipe():
     archs = [a for m in SEGMENTOR_MODULES for a in timm.list_models(module=m)]
-    assert len(archs) == 6 and set(archs) <= set(vitadapter.list_models())
-    for arch in archs:
-        (tag,) = vitadapter.list_pretrained(f"{arch}.*")
+    assert len(archs) == 9 and set(archs) <= set(vitadapter.list_models())
+    datasets = {150: ade20k.CLASSES, 171: coco_stuff.CLASSES, 19: cityscapes.CLASSES}
+    for tag in vitadapter.list_pretrained("upernet_*") + vitadapter.list_pretrained("mask2former_*"):
         cfg = timm.models.get_pretrained_cfg(tag)
-        assert cfg.url.startswith("https://github.com/czczup/ViT-Adapter/releases/download/") and "ade20k" in cfg.url
-        assert cfg.num_classes == 150 and len(cfg.label_names) == 150
+        assert cfg.url.startswith("https://github.com/czczup/ViT-Adapter/releases/download/")
+        assert cfg.url.endswith((".pth", ".pth.tar", ".zip")) and cfg.tag.split("_")[-1] in cfg.url
+        assert tuple(cfg.label_names) == datasets[cfg.num_classes]
+        short, long = cfg.test_input_size[1:]
+        assert short <= long and short >= cfg.input_size[1]
         with torch.device("meta"):
-            model = vitadapter.create_model(arch)
-        assert isinstance(model, Segmentor) and model.class_names == ade20k.CLASSES
-        assert isinstance(model.decode_head, UPerHead) and model.auxiliary_head.loss_weight == 0.4
+            model = vitadapter.create_model(tag)
+        assert isinstance(model, Segmentor) and model.class_names == datasets[cfg.num_classes]
         assert model.mode == "slide" and model.crop_size == tuple(cfg.input_size[1:])
-    assert len(set(ade20k.PALETTE)) == len(ade20k.PALETTE) - 1  # mmseg's palette repeats one colour
-    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in ade20k.PALETTE)
+        if tag.startswith("upernet"):
+            assert isinstance(model.decode_head, UPerHead) and model.auxiliary_head.loss_weight == 0.4
+        else:
+            assert isinstance(model.decode_head, Mask2FormerHead) and model.auxiliary_head is None
+            assert model.decode_head.num_queries == (100 if tag.endswith(("cityscapes", "l.ade20k")) else 200)
+    for module in (ade20k, coco_stuff, cityscapes):
+        assert len(module.CLASSES) == len(module.PALETTE) and len(set(module.CLASSES)) == len(module.CLASSES)
+        assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in module.PALETTE)
 
 
 def test_zoo_loads_a_whole_checkpoint_and_fine_tunes_to_other_classes(tmp_path):
@@ -271,3 +279,28 @@ def test_zoo_loads_a_whole_checkpoint_and_fine_tunes_to_other_classes(tmp_path):
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in kept.items())
     with pytest.raises(ValueError, match="no backbone"):
         load_segmentor_checkpoint(other, {"state_dict": {"decode_head.conv_seg.weight": torch.zeros(1)}})
+
+
+# ---- Mask2Former through the same segmentor ---------------------------------------------------------
+
+
+def test_mask2former_segmentor_from_upstreams_config_and_checkpoint():
+    """The seg_m2f fixture end to end: upstream's model dict (with its train_cfg and panoptic test
+    settings) and a whole checkpoint (the head file plus the seg_vit backbone it was made on)."""
+    meta, _, io = load_fixture("seg_m2f")
+    from conftest import FIXTURES
+
+    state = {k: v for k, v in torch.load(FIXTURES / "seg_vit.pth", weights_only=False)["state_dict"].items()}
+    state.update(torch.load(FIXTURES / "seg_m2f_head.pth", weights_only=False)["state_dict"])
+    cfg = {k: meta[k] for k in ("backbone", "decode_head", "train_cfg", "test_cfg")}
+    segmentor = load_upstream_segmentor(cfg, {"state_dict": state}).eval()
+    assert segmentor.mode == "slide" and segmentor.crop_size == (640, 640) and segmentor.auxiliary_head is None
+    with torch.no_grad():
+        logits = segmentor(io["input"])
+    expected = F.interpolate(io["seg_logits_s4"], size=io["input"].shape[-2:], mode="bilinear", align_corners=False)
+    assert logits.shape == (1, 150, 128, 160) and max_rel_err(logits, expected) < 1e-4
+    labels = torch.randint(0, 150, (1, 128, 160))
+    losses = segmentor.train().loss(io["input"], labels)
+    assert {"loss_cls", "loss_mask", "loss_dice"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="not an auxiliary one"):
+        load_upstream_segmentor(dict(cfg, auxiliary_head=dict(meta["decode_head"])))

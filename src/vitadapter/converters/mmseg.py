@@ -12,8 +12,9 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from ..heads import FCNHead, UPerHead
+from ..heads import FCNHead, Mask2FormerHead, UPerHead
 from ..models.segmentor import Segmentor
+from .mmseg_mask2former import mask2former_head_kwargs
 from ..upstream import Checkpoint, _as_dict, _check_entry, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
 
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
@@ -29,9 +30,9 @@ def load_upstream_segmentor(model_cfg: Mapping[str, Any], checkpoint: Optional[C
     """Build upstream's segmentation model from its ``model`` dict and load a whole checkpoint.
 
     ``model_cfg``: ``backbone`` (a ``ViTAdapter`` / ``BEiTAdapter`` dict, as ``vitadapter.load_upstream``
-    takes with codebase "segmentation"), ``decode_head`` (``UPerHead``), ``auxiliary_head``
-    (``FCNHead``, optional), ``test_cfg`` (``mode`` "whole" or "slide" with ``crop_size`` and
-    ``stride``). BatchNorm stands in for upstream's SyncBN (same parameters and statistics).
+    takes with codebase "segmentation"), ``decode_head`` (``UPerHead`` or ``Mask2FormerHead``, whose
+    training settings may come in the model's ``train_cfg``), ``auxiliary_head`` (``FCNHead``,
+    optional), ``test_cfg`` (``mode`` "whole" or "slide" with ``crop_size`` and ``stride``). BatchNorm stands in for upstream's SyncBN (same parameters and statistics).
     ``checkpoint``: a path (``.pth``, ``.pth.tar``, release ``.zip``) or a loaded dict with
     upstream's keys (or a vitadapter segmentor's own state dict).
     """
@@ -46,7 +47,8 @@ def load_upstream_segmentor(model_cfg: Mapping[str, Any], checkpoint: Optional[C
         if not isinstance(model_cfg.get(part), Mapping):
             raise ValueError(f"the segmentation model config needs a {part!r} dict")
     backbone = load_upstream(model_cfg["backbone"], "segmentation")
-    decode_head = build_head(model_cfg["decode_head"], "decode_head")
+    train_cfg = model_cfg.get("train_cfg") or None
+    decode_head = build_head(model_cfg["decode_head"], "decode_head", train_cfg)
     auxiliary = model_cfg.get("auxiliary_head")
     if isinstance(auxiliary, (list, tuple)):
         raise ValueError("several auxiliary heads are not supported; give one auxiliary_head dict")
@@ -57,19 +59,30 @@ def load_upstream_segmentor(model_cfg: Mapping[str, Any], checkpoint: Optional[C
     return segmentor
 
 
-def build_head(cfg: Mapping[str, Any], where: str) -> nn.Module:
-    """An mmseg head config dict -> the head module; unsupported types and settings are named."""
+def build_head(cfg: Mapping[str, Any], where: str, train_cfg: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """An mmseg head config dict -> the head module; unsupported types and settings are named.
+    ``train_cfg``: the model's training settings (Mask2Former's matcher and point sampling)."""
     if not isinstance(cfg, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(cfg).__name__}")
     kind = cfg.get("type")
+    if kind == "Mask2FormerHead":
+        if where != "decode_head":
+            raise ValueError(f"{where}: Mask2FormerHead is a decode head, not an auxiliary one")
+        return Mask2FormerHead(**mask2former_head_kwargs(cfg, train_cfg))
     if kind not in HEAD_BUILDERS:
-        raise ValueError(f"{where}: head type {kind!r} is not supported (supported: {', '.join(HEAD_BUILDERS)})")
+        supported = ", ".join([*HEAD_BUILDERS, "Mask2FormerHead"])
+        raise ValueError(f"{where}: head type {kind!r} is not supported (supported: {supported})")
     return HEAD_BUILDERS[kind](dict(cfg), where)
+
+
+# Mask2Former's test_cfg also carries mmdet's panoptic/instance settings; upstream's segmentation
+# path computes the semantic prediction whatever they say
+_PANOPTIC_TEST_KEYS = ("panoptic_on", "semantic_on", "instance_on", "max_per_image", "iou_thr", "filter_low_score")
 
 
 def inference_kwargs(test_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """mmseg's ``test_cfg`` -> ``Segmentor`` inference arguments."""
-    unknown = sorted(set(test_cfg) - {"mode", "crop_size", "stride"})
+    unknown = sorted(set(test_cfg) - {"mode", "crop_size", "stride", *_PANOPTIC_TEST_KEYS})
     if unknown:
         raise ValueError(f"unsupported test_cfg settings: {', '.join(unknown)}")
     mode = test_cfg.get("mode", "whole")

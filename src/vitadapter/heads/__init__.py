@@ -1,5 +1,7 @@
-"""Decode heads, one file per head: pyramid -> class logits (see ``base.DecodeHead``)."""
+"""Decode heads, one file per head: pyramid -> class logits (``semantic_logits``) and training
+losses (``loss``); ``base.DecodeHead`` for the convolutional ones, ``mask2former`` for the query-based one."""
 from .fcn import FCNHead
+from .mask2former import Mask2FormerHead, Mask2FormerOutput
 from .uper import UPerHead
 
-__all__ = ["FCNHead", "UPerHead"]
+__all__ = ["FCNHead", "Mask2FormerHead", "Mask2FormerOutput", "UPerHead"]

@@ -3,10 +3,12 @@ turns them into class logits at the image size (whole image or sliding windows).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 
@@ -114,6 +116,48 @@ class Segmentor(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+
+# (backbone width, number of classes, the resolved pretrained cfg) -> (decode head, auxiliary head or None)
+HeadsFactory = Callable[[int, int, Any], tuple[nn.Module, Optional[nn.Module]]]
+
+
+def create_segmentor(
+    variant: str,
+    backbone: str,
+    pretrained: bool,
+    kwargs: dict[str, Any],
+    heads: HeadsFactory,
+    crop: int,
+    stride: int,
+) -> Segmentor:
+    """A registered segmentor: the ``backbone`` architecture, the heads ``heads`` makes, sliding-window
+    inference over ``crop`` every ``stride`` (upstream's test settings).
+
+    ``pretrained`` loads the tag's whole release (backbone and heads; with another ``num_classes``
+    the classifiers stay fresh). ``pretrained_backbone=True`` starts the backbone from its default
+    tag instead (the ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
+    """
+    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
+    pretrained_backbone = kwargs.pop("pretrained_backbone", False)
+
+    def build(num_classes: int = 150, **backbone_kwargs: Any) -> Segmentor:
+        backbone_kwargs.pop("global_pool", None)
+        net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
+        decode_head, auxiliary_head = heads(net.feature_info[0]["num_chs"], num_classes, cfg)
+        names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
+        segmentor = Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
+        if pretrained:
+            from ..converters.mmseg import load_segmentor_checkpoint  # converters import this module
+            from ..hub import fetch_weights, read_weights
+
+            checkpoint = read_weights(fetch_weights(cfg.to_dict(), cache_dir, timeout))
+            load_segmentor_checkpoint(segmentor, checkpoint, keep_classifier=False)
+        return segmentor
+
+    return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
 
 
 def _pair(value: Sequence[int] | int, name: str) -> tuple[int, int]:

@@ -10,72 +10,46 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
-from timm.models._registry import get_pretrained_cfg
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
 from ..data import ade20k
 from ..heads import FCNHead, UPerHead
-from .segmentor import Segmentor
+from .segmentor import Segmentor, create_segmentor
 
 _ADE20K = dict(num_classes=150, label_names=ade20k.CLASSES)
 
 
-def _release(backbone_tag: str, **kwargs: Any) -> dict[str, Any]:
-    """The whole model of the release file a backbone tag already points at (one file, one entry)."""
+def release(backbone_tag: str, test_size: tuple[int, int], **kwargs: Any) -> dict[str, Any]:
+    """The whole model of the release file a backbone tag already points at (one file, one entry).
+    ``test_size`` (short, long): upstream's test scale, images are resized to fit it keeping their ratio."""
     cfg = get_pretrained_cfg(backbone_tag).to_dict()
     keep = ("url", "origin_url", "notes", "mean", "std", "input_size", "license")
-    return dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **_ADE20K, **kwargs)
+    entry = dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **_ADE20K, test_input_size=(3, *test_size))
+    return dict(entry, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "upernet_vit_adapter_t.augreg_ade20k": _release("vit_adapter_t.augreg_upernet_ade20k"),
-    "upernet_vit_adapter_s.deit_ade20k": _release("vit_adapter_s.deit_upernet_ade20k"),
-    "upernet_vit_adapter_b.deit_ade20k": _release("vit_adapter_b.deit_upernet_ade20k"),
-    "upernet_vit_adapter_b_384.augreg_ade20k": _release("vit_adapter_b_384.augreg_upernet_ade20k"),
-    "upernet_vit_adapter_l.augreg_ade20k": _release("vit_adapter_l.augreg_upernet_ade20k"),
-    "upernet_beit_adapter_l.ade20k": _release("beit_adapter_l.upernet_ade20k"),
+    "upernet_vit_adapter_t.augreg_ade20k": release("vit_adapter_t.augreg_upernet_ade20k", (512, 2048)),
+    "upernet_vit_adapter_s.deit_ade20k": release("vit_adapter_s.deit_upernet_ade20k", (512, 2048)),
+    "upernet_vit_adapter_b.deit_ade20k": release("vit_adapter_b.deit_upernet_ade20k", (512, 2048)),
+    "upernet_vit_adapter_b_384.augreg_ade20k": release("vit_adapter_b_384.augreg_upernet_ade20k", (512, 2048)),
+    "upernet_vit_adapter_l.augreg_ade20k": release("vit_adapter_l.augreg_upernet_ade20k", (512, 2048)),
+    "upernet_beit_adapter_l.ade20k": release("beit_adapter_l.upernet_ade20k", (640, 2048)),
 })
 
 
 def _create_upernet(
-    variant: str,
-    backbone: str,
-    pretrained: bool,
-    kwargs: dict[str, Any],
-    channels: int = 512,
-    crop: int = 512,
-    stride: int = 341,
+    variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], channels: int = 512, crop: int = 512, stride: int = 341
 ) -> Segmentor:
     """Upstream's UperNet recipe on ``backbone``: UPerHead on all four levels, FCNHead (256 wide,
-    loss weight 0.4) on the stride-16 level, sliding-window inference over ``crop`` every ``stride``."""
-    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
-    pretrained_backbone = kwargs.pop("pretrained_backbone", False)
+    loss weight 0.4) on the stride-16 level; ``auxiliary_head=False`` leaves the latter out."""
     auxiliary = kwargs.pop("auxiliary_head", True)
 
-    def build(num_classes: int = 150, **backbone_kwargs: Any) -> Segmentor:
-        backbone_kwargs.pop("global_pool", None)
-        net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
-        width = net.feature_info[0]["num_chs"]
+    def heads(width: int, num_classes: int, cfg: Any) -> tuple[UPerHead, Optional[FCNHead]]:
         decode_head = UPerHead([width] * 4, channels=channels, num_classes=num_classes)
-        auxiliary_head = FCNHead(width, channels=256, num_classes=num_classes, in_index=2) if auxiliary else None
-        names = ade20k.CLASSES if num_classes == len(ade20k.CLASSES) else None
-        segmentor = Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
-        if pretrained:
-            _load_release(segmentor, cfg.to_dict(), cache_dir, timeout)
-        return segmentor
+        return decode_head, FCNHead(width, channels=256, num_classes=num_classes, in_index=2) if auxiliary else None
 
-    return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
-
-
-def _load_release(segmentor: Segmentor, cfg: dict[str, Any], cache_dir: Optional[str], timeout: Optional[float]) -> None:
-    from ..converters.mmseg import load_segmentor_checkpoint
-    from ..hub import fetch_weights, read_weights
-
-    checkpoint = read_weights(fetch_weights(cfg, cache_dir, timeout))
-    load_segmentor_checkpoint(segmentor, checkpoint, keep_classifier=False)
+    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride)
 
 
 @register_model

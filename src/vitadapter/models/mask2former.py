@@ -1,0 +1,84 @@
+"""Mask2Former segmentors on BEiT-Adapter-L: upstream's best released segmentation models, whole.
+
+``create_model("mask2former_beit_adapter_l.ade20k", pretrained=True)`` loads the release (backbone,
+pixel decoder, transformer decoder); tags of one architecture differ in their dataset (classes,
+test scale). Without weights the architectures take ``num_classes=`` and ``num_queries=`` for
+fine-tuning; other keyword arguments go to the backbone.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import generate_default_cfgs, register_model
+
+from ..data import cityscapes, coco_stuff
+from ..heads import Mask2FormerHead
+from .segmentor import Segmentor, create_segmentor
+from .upernet import release
+from .vit_adapter import _upstream
+
+_COCO_STUFF = dict(num_classes=171, label_names=coco_stuff.CLASSES)
+_CITYSCAPES = dict(num_classes=19, label_names=cityscapes.CLASSES)
+_SEG = "segmentation/configs/{}.py"
+
+default_cfgs = generate_default_cfgs({
+    "mask2former_beit_adapter_l.ade20k": release("beit_adapter_l.mask2former_ade20k", (640, 2048)),
+    "mask2former_beit_adapter_l_896.coco_ade20k": release("beit_adapter_l_896.mask2former_coco_ade20k", (896, 3584)),
+    "mask2former_beit_adapter_l_896.cocostuff164k": _upstream(
+        "v0.2.6/mask2former_beit_adapter_large_896_80k_cocostuff164k.zip",
+        _SEG.format("coco_stuff164k/mask2former_beit_adapter_large_896_80k_cocostuff164k_ss"),
+        "COCO-Stuff-164k val mIoU 51.7 (SS) / 52.0 (MS), Mask2Former 80k",
+        input_size=(3, 896, 896), test_input_size=(3, 896, 3584), **_COCO_STUFF,
+    ),
+    "mask2former_beit_adapter_l_896.cityscapes": _upstream(
+        "v0.2.3/mask2former_beit_adapter_large_896_80k_cityscapes.zip",
+        _SEG.format("cityscapes/mask2former_beit_adapter_large_896_80k_cityscapes_ss"),
+        "Cityscapes val mIoU 84.9 (SS) / 85.8 (MS), Mask2Former 80k from Mapillary",
+        input_size=(3, 896, 896), test_input_size=(3, 1024, 2048), **_CITYSCAPES,
+    ),
+    "mask2former_beitv2_adapter_l_896.coco_ade20k": release("beitv2_adapter_l_896.mask2former_coco_ade20k", (896, 3584)),
+    "mask2former_beitv2_adapter_l_896.cocostuff164k": _upstream(
+        "v0.3.1/mask2former_beitv2_adapter_large_896_80k_cocostuff164k.zip",
+        _SEG.format("coco_stuff164k/mask2former_beitv2_adapter_large_896_80k_cocostuff164k_ss"),
+        "COCO-Stuff-164k val mIoU 52.3 (SS), Mask2Former 80k",
+        input_size=(3, 896, 896), test_input_size=(3, 896, 3584), **_COCO_STUFF,
+    ),
+})
+
+# queries of each release where they differ from the architecture's own default
+_QUERIES = {"cityscapes": 100}
+
+
+def _create_mask2former(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], queries: int, crop: int, stride: int) -> Segmentor:
+    """Upstream's large Mask2Former recipe: 1024-wide pixel decoder (6 deformable-attention layers,
+    32 heads) and transformer decoder (9 layers, 32 heads), FFNs 4096 wide, GroupNorm of 32 groups."""
+    num_queries = kwargs.pop("num_queries", None)
+
+    def heads(width: int, num_classes: int, cfg: Any) -> tuple[Mask2FormerHead, None]:
+        head = Mask2FormerHead(
+            [width] * 4, feat_channels=1024, out_channels=1024, num_classes=num_classes,
+            num_queries=num_queries or _QUERIES.get(cfg.tag, queries),
+            encoder_layers=6, encoder_heads=32, encoder_points=4, encoder_ffn_channels=4096,
+            decoder_layers=9, decoder_heads=32, decoder_ffn_channels=4096, num_groups=32,
+        )
+        return head, None
+
+    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride)
+
+
+@register_model
+def mask2former_beit_adapter_l(pretrained: bool = False, **kwargs: Any) -> Segmentor:
+    """Mask2Former (100 queries) on BEiT-Adapter-L, 640 crops every 426 pixels."""
+    return _create_mask2former("mask2former_beit_adapter_l", "beit_adapter_l", pretrained, kwargs, 100, 640, 426)
+
+
+@register_model
+def mask2former_beit_adapter_l_896(pretrained: bool = False, **kwargs: Any) -> Segmentor:
+    """Mask2Former (200 queries; 100 for Cityscapes) on BEiT-Adapter-L, 896 crops every 512 pixels."""
+    return _create_mask2former("mask2former_beit_adapter_l_896", "beit_adapter_l_896", pretrained, kwargs, 200, 896, 512)
+
+
+@register_model
+def mask2former_beitv2_adapter_l_896(pretrained: bool = False, **kwargs: Any) -> Segmentor:
+    """Mask2Former (200 queries) on BEiTv2-Adapter-L, 896 crops every 512 pixels."""
+    return _create_mask2former("mask2former_beitv2_adapter_l_896", "beitv2_adapter_l_896", pretrained, kwargs, 200, 896, 512)
