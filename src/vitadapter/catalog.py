@@ -96,8 +96,10 @@ def flops_without_memory(model: Any, input_size: Any) -> int:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # no parameter needs grad: the counter's module tracker hooks tensors that do, and a parameter
+    # used as is (Mask2Former's learned queries) has no graph node to hook under inference mode
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return count_flops(model.to_empty(device="cpu"), torch.empty(1, *input_size))
+        return count_flops(model.to_empty(device="cpu").requires_grad_(False), torch.empty(1, *input_size))
 
 
 if __name__ == "__main__":
