@@ -4,7 +4,9 @@
 released segmentation checkpoints as it is: the backbone converted, the UPerHead and the FCN
 auxiliary head as trained. Without weights the same architectures take ``num_classes=`` for
 fine-tuning; ``pretrained_backbone=True`` then starts the backbone from its ImageNet trunk (what
-upstream trains from). Other keyword arguments go to the backbone (``drop_path_rate``, ...).
+upstream trains from). ``head_channels`` / ``aux_channels`` set the UPerHead's and the FCN head's
+widths (upstream's 512 or 1024, and 256, by default). Other keyword arguments go to the backbone
+(``drop_path_rate``, ...).
 """
 from __future__ import annotations
 
@@ -54,13 +56,15 @@ def _create_upernet(
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
     pretrained_backbone = kwargs.pop("pretrained_backbone", False)
     auxiliary = kwargs.pop("auxiliary_head", True)
+    # the heads' widths: upstream's by default; narrower ones make small models for quick experiments
+    channels, aux_channels = kwargs.pop("head_channels", channels), kwargs.pop("aux_channels", 256)
 
     def build(num_classes: int = 150, **backbone_kwargs: Any) -> Segmentor:
         backbone_kwargs.pop("global_pool", None)
         net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
         width = net.feature_info[0]["num_chs"]
         decode_head = UPerHead([width] * 4, channels=channels, num_classes=num_classes)
-        auxiliary_head = FCNHead(width, channels=256, num_classes=num_classes, in_index=2) if auxiliary else None
+        auxiliary_head = FCNHead(width, channels=aux_channels, num_classes=num_classes, in_index=2) if auxiliary else None
         names = ade20k.CLASSES if num_classes == len(ade20k.CLASSES) else None
         segmentor = Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
         if pretrained:
