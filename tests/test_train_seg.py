@@ -94,7 +94,7 @@ def test_transform_gives_crops_of_the_crop_size_at_any_image_size():
         label = np.random.default_rng(0).integers(0, 3, (height, width))
         out = transform(np.zeros((height, width, 3), np.uint8), label, rng)
         assert out["image"].shape == (3, 48, 48) and out["label"].shape == (48, 48)
-    # 10x14 becomes at most 64x90 (ratio 2 of short side 64): smaller crops are padded with ignore
+    # kept at 10x14 (ratio 1 of a (40, 10) scale), the image is padded: the label with ignore
     small = SegmentationTrainTransform((48, 48), (0.5,) * 3, (0.5,) * 3, scale=(40, 10), ratio_range=(1.0, 1.0))
     out = small(np.zeros((10, 14, 3), np.uint8), np.zeros((10, 14), np.int64), rng)
     assert torch.all(out["label"][:10, :14] == 0) and torch.all(out["label"][10:] == 255) and torch.all(out["label"][:, 14:] == 255)
@@ -364,6 +364,8 @@ def test_train_seg_reports_bad_input_in_one_line(shapes, tmp_path, capsys):
 
     assert main(["train-seg", str(shapes), "--model", "vit_adapter_t", "--out", str(tmp_path / "run")]) == 2
     one_line_error(capsys, "is a backbone", "upernet_vit_adapter_t")
+    assert main(["train-seg", str(shapes), "--model", f"{MODEL}.augreg_ade20k", "--out", str(tmp_path / "run"), "--random-init"]) == 2
+    one_line_error(capsys, "starts from that release", "--random-init")
     assert main(["train-seg", str(shapes), *base, "--resume"]) == 2
     one_line_error(capsys, "--resume: no last.pth")
     assert main(["train-seg", str(shapes), *base, "--model-kwargs", "{oops"]) == 2
@@ -372,6 +374,8 @@ def test_train_seg_reports_bad_input_in_one_line(shapes, tmp_path, capsys):
     one_line_error(capsys, "--layer-decay 1.5")
     assert main(["train-seg", str(shapes), *base, "--weights", str(tmp_path / "nope.pth")]) == 2
     one_line_error(capsys, "--weights", "no such file")
+    assert main(["train-seg", str(shapes), *base, "--device", "tpu:9"]) == 2
+    one_line_error(capsys, "--device tpu:9")
     assert main(["train-seg", str(shapes), *base, "--batch-size", "1", "--random-init", "--model-kwargs", json.dumps(TINY)]) == 2
     one_line_error(capsys, "--batch-size 1", "2 or more images")
     assert not (tmp_path / "run").exists()

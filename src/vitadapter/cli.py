@@ -472,6 +472,9 @@ def _print_summary(model: "torch.nn.Module", conversion: "Conversion", dst: Path
 
 def _train_seg(args: argparse.Namespace) -> int:
     _check_segmentor_name(args.model)
+    if "." in args.model and (args.weights is not None or args.random_init):
+        option = "--weights" if args.weights is not None else "--random-init"
+        raise UsageError(f"--model {args.model} starts from that release; {option} needs the bare name {args.model.partition('.')[0]}")
     if args.weights is not None:
         _check_weights_file(args.weights, "--weights")
     for option, value, valid, expected in (
@@ -497,6 +500,8 @@ def _train_seg(args: argparse.Namespace) -> int:
 
     # lists the files and pairs images with labels: a wrong layout is reported before torch loads
     SegmentationFolder(args.data_dir, args.split, reduce_zero_label=not args.no_reduce_zero_label)
+    if args.device != "auto":
+        _device(args.device)  # a name torch knows, usable here
     from .train import TrainOptions, train_segmentation
 
     options = TrainOptions(
