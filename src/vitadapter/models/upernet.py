@@ -4,7 +4,9 @@
 released segmentation checkpoints as it is: the backbone converted, the UPerHead and the FCN
 auxiliary head as trained. Without weights the same architectures take ``num_classes=`` for
 fine-tuning; ``pretrained_backbone=True`` then starts the backbone from its ImageNet trunk (what
-upstream trains from). Other keyword arguments go to the backbone (``drop_path_rate``, ...).
+upstream trains from). ``head_channels`` / ``aux_channels`` set the UPerHead's and the FCN head's
+widths (upstream's 512 or 1024, and 256, by default). Other keyword arguments go to the backbone
+(``drop_path_rate``, ...).
 """
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ def _create_upernet(
     """Upstream's UperNet recipe on ``backbone``: UPerHead on all four levels, FCNHead (256 wide,
     loss weight 0.4) on the stride-16 level; ``auxiliary_head=False`` leaves the latter out."""
     auxiliary = kwargs.pop("auxiliary_head", True)
+    # the heads' widths: upstream's by default; narrower ones make small models for quick experiments
+    channels, aux_channels = kwargs.pop("head_channels", channels), kwargs.pop("aux_channels", 256)
 
     def heads(width: int, num_classes: int, cfg: Any) -> tuple[UPerHead, Optional[FCNHead]]:
         decode_head = UPerHead([width] * 4, channels=channels, num_classes=num_classes)
-        return decode_head, FCNHead(width, channels=256, num_classes=num_classes, in_index=2) if auxiliary else None
+        return decode_head, FCNHead(width, channels=aux_channels, num_classes=num_classes, in_index=2) if auxiliary else None
 
     return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride)
 
