@@ -393,7 +393,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     names = _class_names(model)
     palette = class_palette(model.num_classes, model.class_names)
-    alert = "" if weights else "RANDOM WEIGHTS: no trained weights loaded, these labels mean nothing"
+    alert = "" if weights else "RANDOM WEIGHTS: untrained model, the labels mean nothing"
     ratios, flip = _test_passes(args.aug)
     out.mkdir(parents=True, exist_ok=True)
     stems = _output_stems([Path(name) for name, _ in images])
@@ -421,8 +421,6 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _eval_seg(args: argparse.Namespace) -> int:
-    from .data.folder import SegmentationFolder
-
     _check_model_name(args.model, "--model", kind="segmentor")
     if args.weights is not None:
         _check_weights_file(args.weights, "--weights")
@@ -432,6 +430,8 @@ def _eval_seg(args: argparse.Namespace) -> int:
     split = args.split
     if split is None and (root / "images" / "validation").is_dir():  # ADEChallengeData2016's layout
         split = "validation"
+    from .data.folder import SegmentationFolder
+
     dataset = SegmentationFolder(root, split, reduce_zero_label=args.reduce_zero_label)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     device = _device(args.device)
@@ -670,7 +670,7 @@ def _print_summary(model: "torch.nn.Module", conversion: "Conversion", dst: Path
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
-    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids on timm ViTs.")
+    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids and segmentation on timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -190,7 +190,8 @@ def segmentation_overlay(
 ) -> Image.Image:
     """``image`` blended with its classes' colours (mmseg's ``opacity`` 0.5), the same size, with a
     legend of the classes present (largest share first; "+N more" where the image is too short) in the
-    top-right corner and ``alert`` in red across the top."""
+    top-right corner and ``alert`` in red across the top (where it would cover over a third of the
+    image, only its part before a colon)."""
     labels = np.asarray(labels)
     width, height = image.size
     if labels.shape != (height, width):
@@ -199,7 +200,7 @@ def segmentation_overlay(
     blended = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - opacity) + colours * opacity
     picture = Image.fromarray(blended.round().astype(np.uint8), "RGB").convert("RGBA")
 
-    size = max(10, min(24, round(min(width, height) / 20)))
+    size = max(9, min(24, round(min(width, height) / 20)))
     font, pad = _font(size), max(2, size // 4)
     line = size + pad
     layer = Image.new("RGBA", picture.size, (0, 0, 0, 0))
@@ -207,10 +208,16 @@ def segmentation_overlay(
     top = 0
     if alert:
         lines = _wrap(alert, font, width - 2 * pad)
-        draw.rectangle((0, 0, width, len(lines) * line + pad), fill=(255, 255, 255, 220))
+        alert_font, alert_line = font, line
+        if len(lines) * line > height / 3:  # a small image: the alert's head (up to a colon), in one line
+            head = alert.partition(":")[0]
+            alert_size = next((s for s in range(size, 6, -1) if _font(s).getlength(head) <= width - 2 * pad), 7)
+            alert_font, alert_line = _font(alert_size), alert_size + pad
+            lines = [_fit(head, alert_font, width - 2 * pad)]
+        draw.rectangle((0, 0, width, len(lines) * alert_line + pad), fill=(255, 255, 255, 220))
         for i, text in enumerate(lines):
-            draw.text((pad, pad + i * line), text, fill=_ALERT + (255,), font=font)
-        top = len(lines) * line + pad
+            draw.text((pad, pad + i * alert_line), text, fill=_ALERT + (255,), font=alert_font)
+        top = len(lines) * alert_line + pad
 
     classes, counts = np.unique(labels, return_counts=True)
     order = np.argsort(-counts, kind="stable")
