@@ -456,7 +456,7 @@ def _eval_seg(args: argparse.Namespace) -> int:
     print(f"data:    {count} of {len(dataset)} images in {images}, {passes}, short side {_scale_text(model, args)}")
     names = _class_names(model)
     width = max(len("class"), *map(len, names))
-    print(f"{'class':<{width}}    IoU    Acc")
+    print(f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
     for name, iou, acc in zip(names, scores.iou, scores.acc):
         print(f"{name:<{width}}  {_percent(iou)}  {_percent(acc)}")
     print(f"aAcc {_percent(scores.aacc).strip()}  mIoU {_percent(scores.miou).strip()}  mAcc {_percent(scores.macc).strip()}")
