@@ -1,7 +1,8 @@
 """The ``vitadapter`` command: list and describe models, picture the feature pyramid of an image (or a
-folder of them), convert upstream checkpoints into Hub folders and fine-tune a segmentor.
+folder of them), segment images, measure a segmentor's mIoU, fine-tune a segmentor and convert
+upstream checkpoints into Hub folders.
 
-Only ``features``, ``convert`` and ``train-seg`` import torch, inside their functions: ``--help``, ``list``,
+Only the commands that run models import torch, inside their functions: ``--help``, ``list``,
 ``describe`` and usage errors answer at once, from ``catalog.json``. Every error is one line on
 stderr; ``--debug`` (or ``VITADAPTER_DEBUG=1``) shows its traceback instead.
 """
@@ -33,6 +34,9 @@ _USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
 _BUNDLED = "chelsea.png"
 _PICTURE = "vitadapter_features.png"
 _PICTURE_FOLDER = "vitadapter_features"
+_SEGMENT_FOLDER = "vitadapter_segment"
+_DEFAULT_BACKBONE = "vit_adapter_t"
+_DEFAULT_SEGMENTOR = "upernet_vit_adapter_t"
 
 
 class UsageError(ValueError):
@@ -138,7 +142,7 @@ def _features(args: argparse.Namespace) -> int:
         _check_picture_path(out)
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: for a folder of images this names a folder of pictures, and it is a file")
-    _check_model_name(args.model, "--model")
+    _check_model_name(args.model, "--model", kind="backbone")
     if args.weights is not None:
         _check_weights_file(args.weights, "--weights")
     device = _device(args.device)
@@ -166,9 +170,13 @@ def _features(args: argparse.Namespace) -> int:
 
 def _picture_names(folder: Path, images: list[Path]) -> list[Path]:
     """cat.jpg -> FOLDER/cat.png; where two images share a stem, every picture keeps the suffix too."""
+    return [folder / f"{stem}.png" for stem in _output_stems(images)]
+
+
+def _output_stems(images: list[Path]) -> list[str]:
+    """The stems of the images' file names, or where two share one, every full name (unique in a folder)."""
     stems = [p.stem for p in images]
-    unique = len(set(stems)) == len(stems)
-    return [folder / f"{p.stem if unique else p.name}.png" for p in images]
+    return stems if len(set(stems)) == len(stems) else [p.name for p in images]
 
 
 def _image_files(path: Optional[str]) -> list[tuple[str, Any]]:
@@ -225,26 +233,35 @@ def _features_model(args: argparse.Namespace, device: "torch.device") -> tuple["
         return model.eval().to(device), args.weights
     if not args.pretrained:
         return create_model(args.model).eval().to(device), None
-    download = _download_to_come(args.model)
+    model, weights = _pretrained_model(args.model)
+    return model.eval().to(device), weights
+
+
+def _pretrained_model(name: str) -> tuple["torch.nn.Module", str]:
+    """``create_model(name, pretrained=True)``, saying on stderr when it downloads, and where the weights
+    came from. Weights that cannot be had raise an ``OSError`` that says how to get them."""
+    from . import create_model
+
+    download = _download_to_come(name)
     if download is None:
-        model = create_model(args.model, pretrained=True)
+        model = create_model(name, pretrained=True)
     else:
-        name, source = download
+        tag, source = download
         from huggingface_hub import constants
         from huggingface_hub.utils import logging
 
         advice = f"download {source} on a machine with network access and pass the file with --weights FILE"
         if constants.HF_HUB_OFFLINE:
-            raise OSError(f"the weights of {name} are not cached and HF_HUB_OFFLINE is set: {advice}")
-        print(f"fetching the weights of {name} from {source}", file=sys.stderr)
+            raise OSError(f"the weights of {tag} are not cached and HF_HUB_OFFLINE is set: {advice}")
+        print(f"fetching the weights of {tag} from {source}", file=sys.stderr)
         logging.set_verbosity_error()  # its retry notices; a failure ends in the one line below
         try:
-            model = create_model(args.model, pretrained=True)
+            model = create_model(name, pretrained=True)
         except OSError as e:
-            raise OSError(f"cannot fetch the weights of {name} ({_one_line(_root_cause(e))}): {advice}") from e
+            raise OSError(f"cannot fetch the weights of {tag} ({_one_line(_root_cause(e))}): {advice}") from e
     cfg = model.pretrained_cfg
     tag_name = ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag"))))
-    return model.eval().to(device), f"{tag_name or args.model} from {cfg.get('hf_hub_id') or cfg.get('url') or args.model}"
+    return model, f"{tag_name or name} from {cfg.get('hf_hub_id') or cfg.get('url') or name}"
 
 
 def _download_to_come(model: str) -> Optional[tuple[str, str]]:
@@ -330,14 +347,13 @@ _RANDOM = (
 
 
 def _read_image(name: str, source: Any) -> "Image.Image":
-    from PIL import Image, UnidentifiedImageError
+    """An upright 8-bit RGB image from any file Pillow reads; ``ValueError`` naming it otherwise."""
+    from .data.images import read_rgb
 
     try:
-        with source.open("rb") as f, Image.open(f) as im:
-            return im.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"{name} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
-    except OSError as e:
+        with source.open("rb") as f:
+            return read_rgb(f, name)
+    except OSError as e:  # the file itself cannot be opened
         raise ValueError(f"cannot read image {name}: {_one_line(e)}") from e
 
 
@@ -347,6 +363,179 @@ def _resize_short_side(image: "Image.Image", size: int) -> "Image.Image":
     w, h = image.size
     scale = size / min(w, h)
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+# ---- segment and eval-seg -----------------------------------------------------------------------------
+
+
+def _segment(args: argparse.Namespace) -> int:
+    images = _image_files(args.image)
+    out = Path(args.out or _SEGMENT_FOLDER)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: names the folder for the label maps and overlays, and it is a file")
+    _check_model_name(args.model, "--model", kind="segmentor")
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
+    folder = args.image is not None and Path(args.image).is_dir()
+    if folder:
+        listed = {path for _, path in images}
+        others = sorted(p.name for p in Path(args.image).iterdir() if p.is_file() and p not in listed and not p.name.startswith("."))
+        if others:
+            print(f"vitadapter: left out {len(others)} file(s) without an image extension: {_few(others)}", file=sys.stderr)
+    else:  # one image: one that cannot be read is the error, before any model is built
+        _read_image(*images[0])
+    device = _device(args.device)
+    model, weights = _segmentor_model(args, device, fall_back=True)
+
+    from huggingface_hub.utils import tqdm
+
+    from .visualize import class_palette, label_image, segmentation_overlay
+
+    names = _class_names(model)
+    palette = class_palette(model.num_classes, model.class_names)
+    alert = "" if weights else "RANDOM WEIGHTS: untrained model, the labels mean nothing"
+    ratios, flip = _test_passes(args.aug)
+    out.mkdir(parents=True, exist_ok=True)
+    stems = _output_stems([Path(name) for name, _ in images])
+    skipped = 0
+    with tqdm(total=len(images), unit="image", desc="segment", disable=None) as bar:
+        for (name, source), stem in zip(images, stems):
+            try:
+                image = _read_image(name, source)
+            except ValueError as e:  # reported; the other images go on
+                bar.write(f"vitadapter: skipped {_one_line(e)}", file=sys.stderr)
+                skipped += 1
+                bar.update()
+                continue
+            labels = _predict(model, image, args, ratios, flip, device).numpy()
+            label_path, overlay_path = out / f"{stem}.label.png", out / f"{stem}.overlay.png"
+            label_image(labels, palette).save(label_path)
+            segmentation_overlay(image, labels, palette, names, alert=alert).save(overlay_path)
+            bar.write(f"wrote {label_path} and {overlay_path}")
+            bar.update()
+    done = len(images) - skipped
+    print(f"segmented {done} of {len(images)} image(s) into {out} ({_weights_line(weights)})")
+    if skipped:
+        print(f"vitadapter: {skipped} file(s) could not be read (listed above)", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def _eval_seg(args: argparse.Namespace) -> int:
+    _check_model_name(args.model, "--model", kind="segmentor")
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
+    root = Path(args.data)
+    if not root.is_dir():
+        raise UsageError(f"no folder at {args.data!r}: expected a dataset folder with images/ and annotations/")
+    split = args.split
+    if split is None and (root / "images" / "validation").is_dir():  # ADEChallengeData2016's layout
+        split = "validation"
+    from .data.folder import SegmentationFolder
+
+    dataset = SegmentationFolder(root, split, reduce_zero_label=args.reduce_zero_label)
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    device = _device(args.device)
+    model, weights = _segmentor_model(args, device, fall_back=False)
+
+    from huggingface_hub.utils import tqdm
+
+    from .metrics import SegmentationMetric
+
+    ratios, flip = _test_passes(args.aug)
+    metric = SegmentationMetric(model.num_classes)
+    with tqdm(total=count, unit="image", desc="eval-seg", disable=None) as bar:
+        for index in range(count):
+            item = dataset[index]
+            metric.update(_predict(model, item["image"], args, ratios, flip, device).numpy(), item["label"])
+            bar.update()
+    scores = metric.compute()
+
+    images = root / "images" / (split or "")
+    passes = f"multi-scale {', '.join(map(str, ratios))} + flip" if args.aug else "single scale"
+    print(f"model:   {args.model} ({_weights_line(weights)})")
+    print(f"data:    {count} of {len(dataset)} images in {images}, {passes}, short side {_scale_text(model, args)}")
+    names = _class_names(model)
+    width = max(len("class"), *map(len, names))
+    print(f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}")
+    for name, iou, acc in zip(names, scores.iou, scores.acc):
+        print(f"{name:<{width}}  {_percent(iou)}  {_percent(acc)}")
+    print(f"aAcc {_percent(scores.aacc).strip()}  mIoU {_percent(scores.miou).strip()}  mAcc {_percent(scores.macc).strip()}")
+    return 0
+
+
+def _segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back: bool) -> tuple["torch.nn.Module", Optional[str]]:
+    """The segmentor on ``device`` in eval mode and where its weights came from: ``--weights FILE``
+    (built for the file's class count), else the name's weights; with ``fall_back``, weights that
+    cannot be had are reported in one line and the model runs on random weights (None)."""
+    import torch
+
+    from . import create_model
+
+    if args.weights is not None:
+        from .converters.mmseg import checkpoint_num_classes, load_segmentor_checkpoint
+        from .hub import read_weights
+
+        checkpoint = read_weights(args.weights)
+        classes = checkpoint_num_classes(checkpoint)
+        model = create_model(args.model, **({} if classes is None else {"num_classes": classes}))
+        _check_segmentor(model, args.model)
+        load_segmentor_checkpoint(model, checkpoint)
+        weights: Optional[str] = args.weights
+    else:
+        try:
+            model, weights = _pretrained_model(args.model)
+        except OSError as e:
+            if not fall_back:
+                raise
+            print(f"vitadapter: {_one_line(e)}; running on random weights instead", file=sys.stderr)
+            torch.manual_seed(0)
+            model, weights = create_model(args.model), None
+        _check_segmentor(model, args.model)
+    return model.eval().to(device), weights
+
+
+def _check_segmentor(model: "torch.nn.Module", name: str) -> None:
+    """A ``local-dir:`` or ``hf-hub:`` name can hold any model: refuse one without classes."""
+    if not isinstance(getattr(model, "num_classes", None), int) or not hasattr(model, "class_names"):
+        raise UsageError(f"--model {name} is not a segmentor (image -> class labels); `vitadapter features` takes backbones")
+
+
+def _predict(model: "torch.nn.Module", image: "Image.Image", args: argparse.Namespace, ratios: Any, flip: bool, device: "torch.device") -> "torch.Tensor":
+    from .predict import predict
+
+    scale = None if args.size == "original" else (args.size or 0)
+    return predict(model, image, scale, ratios, flip, device)
+
+
+def _test_passes(aug: bool) -> tuple[tuple[float, ...], bool]:
+    from .predict import MS_RATIOS
+
+    return (MS_RATIOS, True) if aug else ((1.0,), False)
+
+
+def _class_names(model: "torch.nn.Module") -> list[str]:
+    return list(model.class_names) if model.class_names is not None else [f"class {k}" for k in range(model.num_classes)]
+
+
+def _scale_text(model: "torch.nn.Module", args: argparse.Namespace) -> str:
+    from .predict import default_scale
+
+    if args.size == "original":
+        return "as stored"
+    short, long = (args.size, 4 * args.size) if args.size else default_scale(model)
+    return f"<= {short}, long side <= {long}" + ("" if args.size else " (the model's; --size changes it)")
+
+
+def _weights_line(weights: Optional[str]) -> str:
+    return f"weights: {weights}" if weights else "random weights: the labels mean nothing"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:6.2f}" if value == value else "   nan"
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 # ---- convert ------------------------------------------------------------------------------------------
@@ -374,8 +563,9 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_model_name(name: str, option: str) -> None:
-    """Refuse an unknown architecture or tag from the catalog, before torch loads (seconds)."""
+def _check_model_name(name: str, option: str, kind: Optional[str] = None) -> None:
+    """Refuse an unknown architecture or tag from the catalog, or one of another ``kind`` ("backbone":
+    image -> pyramid, "segmentor": image -> class logits), before torch loads (seconds)."""
     if ":" in name:  # local-dir: and hf-hub: folders are read when the model is built
         return
     entries = catalog.load()
@@ -385,6 +575,15 @@ def _check_model_name(name: str, option: str) -> None:
     if tag and name not in entries["weights"]:
         tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
         raise UsageError(f"{option} {name}: {arch} has no tag {tag!r}; it has: {tags or 'none'}")
+    segmentor = "num_classes" in entries["architectures"][arch]
+    if kind == "backbone" and segmentor:
+        raise UsageError(f"{option} {name} is a segmentor (it gives class labels, not a feature pyramid): "
+                         f"`vitadapter segment --model {name}` runs it; features takes a backbone such as {_DEFAULT_BACKBONE}")
+    if kind == "segmentor" and not segmentor:
+        raise UsageError(f"{option} {name} is a backbone (a feature pyramid, no classes): `vitadapter features --model {name}` "
+                         f"pictures it; segmentors are the upernet_* and mask2former_* models (`vitadapter list '*former*'`, "
+                         f"`vitadapter list 'upernet*'`), "
+                         f"e.g. {_DEFAULT_SEGMENTOR}")
 
 
 def _check_weights_file(path: str, option: str) -> None:
@@ -554,7 +753,7 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
-    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids on timm ViTs.")
+    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids and segmentation on timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -571,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subcommand(sub, "features", "run a model on an image (or a folder of images) and picture its feature pyramid")
     p.add_argument("image", nargs="?", help="image file or folder of images (default: the bundled chelsea.png)")
-    p.add_argument("--model", default="vit_adapter_t", help="model name (default: %(default)s)")
+    p.add_argument("--model", default=_DEFAULT_BACKBONE, help="model name (default: %(default)s)")
     p.add_argument("--out", metavar="PATH",
                    help=f"picture to write (default: {_PICTURE}), or for a folder the folder of pictures (default: {_PICTURE_FOLDER}/)")
     p.add_argument("--size", type=_size, metavar="N|original",
@@ -583,6 +782,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="load the model's weights (its default tag, or NAME.TAG / local-dir: / hf-hub:); may download")
     weights.add_argument("--weights", metavar="FILE", help="load weights from a local file (.safetensors, upstream .pth/.zip)")
     p.set_defaults(run=_features)
+
+    p = _subcommand(sub, "segment", "label every pixel of an image (or a folder of images) with a segmentor: label map and overlay PNGs")
+    p.add_argument("image", nargs="?", help="image file or folder of images (default: the bundled chelsea.png)")
+    _add_segmentor_options(p)
+    p.add_argument("--out", metavar="FOLDER", help=f"folder for NAME.label.png and NAME.overlay.png (default: {_SEGMENT_FOLDER}/)")
+    p.set_defaults(run=_segment)
+
+    p = _subcommand(sub, "eval-seg", "mIoU of a segmentor on a dataset folder in ADE20K's layout (images/, annotations/)")
+    p.add_argument("data", metavar="DATA_DIR", help="folder holding images/ and annotations/ (e.g. ADEChallengeData2016)")
+    _add_segmentor_options(p)
+    p.add_argument("--split", help="subfolder of images/ and annotations/ (default: validation where it exists, else none)")
+    p.add_argument("--limit", type=_positive, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
+                   help="label 0 is 'other' (ignored) and k is class k-1, as in ADE20K (default: on)")
+    p.set_defaults(run=_eval_seg)
 
     p = _subcommand(sub, "convert", "turn an upstream checkpoint into a folder of config.json + model.safetensors")
     p.add_argument("src", help="upstream checkpoint (.pth, .pth.tar or release .zip)")
@@ -627,6 +841,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_segmentor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=_DEFAULT_SEGMENTOR,
+                   help="segmentor name or name.tag; its weights load (downloading once) unless --weights (default: %(default)s)")
+    p.add_argument("--weights", metavar="FILE", help="whole segmentor checkpoint (upstream .pth/.pth.tar/.zip or .safetensors)")
+    p.add_argument("--size", type=_size, metavar="N|original",
+                   help="test scale: short side <= N and long side <= 4N (default: the model's own test scale, e.g. 512 and 2048)")
+    p.add_argument("--aug", action="store_true", help="multi-scale (0.5 to 1.75) and flip testing, upstream's 'MS' (12 passes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+
+
 def _subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     # SUPPRESS: a subcommand's default must not overwrite a --debug given before the subcommand
@@ -649,6 +873,16 @@ def _size(text: str) -> Any:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'original', got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 

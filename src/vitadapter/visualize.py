@@ -1,10 +1,12 @@
-"""Pictures of a feature pyramid: the input and each level coloured by principal components, with
-labels and a caption that say what the picture shows."""
+"""Pictures: a feature pyramid (the input and each level coloured by principal components, with labels
+and a caption that say what the picture shows), and segmentations (label maps, colour overlays)."""
 from __future__ import annotations
 
+import colorsys
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -148,3 +150,103 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
         else:
             lines.append(word)
     return lines
+
+
+# ---- segmentation: label maps and overlays ------------------------------------------------------------
+
+
+def class_palette(num_classes: int, class_names: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
+    """An RGB colour per class: ADE20K's palette for its 150 classes, else colours spread around the hue
+    circle (golden-ratio steps, alternating brightness) so that neighbouring indices differ."""
+    from .data import ade20k
+
+    if class_names is not None and tuple(class_names) == ade20k.CLASSES:
+        return list(ade20k.PALETTE)
+    colours = []
+    for k in range(num_classes):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75 if k % 2 else 0.95, 0.95 if k % 3 else 0.7)
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def label_image(labels: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> Image.Image:
+    """A (H, W) class-index map as a PNG-ready image whose pixel values are the class indices: a
+    palette image (shown in the classes' colours) for up to 256 classes, 16-bit grayscale beyond."""
+    labels = np.asarray(labels)
+    if len(palette) > 256:
+        return Image.fromarray(labels.astype(np.uint16))  # mode I;16
+    picture = Image.fromarray(labels.astype(np.uint8), "P")
+    picture.putpalette([v for colour in palette for v in colour] + [0] * 3 * (256 - len(palette)))
+    return picture
+
+
+def segmentation_overlay(
+    image: Image.Image,
+    labels: np.ndarray,
+    palette: Sequence[tuple[int, int, int]],
+    names: Sequence[str],
+    alert: str = "",
+    opacity: float = 0.5,
+) -> Image.Image:
+    """``image`` blended with its classes' colours (mmseg's ``opacity`` 0.5), the same size, with a
+    legend of the classes present (largest share first; "+N more" where the image is too short) in the
+    top-right corner and ``alert`` in red across the top (where it would cover over a third of the
+    image, only its part before a colon)."""
+    labels = np.asarray(labels)
+    width, height = image.size
+    if labels.shape != (height, width):
+        raise ValueError(f"labels are {labels.shape[1]}x{labels.shape[0]}, the image is {width}x{height}")
+    colours = np.asarray(palette, dtype=np.float32)[labels]
+    blended = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - opacity) + colours * opacity
+    picture = Image.fromarray(blended.round().astype(np.uint8), "RGB").convert("RGBA")
+
+    size = max(9, min(24, round(min(width, height) / 20)))
+    font, pad = _font(size), max(2, size // 4)
+    line = size + pad
+    layer = Image.new("RGBA", picture.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    top = 0
+    if alert:
+        lines = _wrap(alert, font, width - 2 * pad)
+        alert_font, alert_line = font, line
+        if len(lines) * line > height / 3:  # a small image: the alert's head (up to a colon), in one line
+            head = alert.partition(":")[0]
+            alert_size = next((s for s in range(size, 6, -1) if _font(s).getlength(head) <= width - 2 * pad), 7)
+            alert_font, alert_line = _font(alert_size), alert_size + pad
+            lines = [_fit(head, alert_font, width - 2 * pad)]
+        draw.rectangle((0, 0, width, len(lines) * alert_line + pad), fill=(255, 255, 255, 220))
+        for i, text in enumerate(lines):
+            draw.text((pad, pad + i * alert_line), text, fill=_ALERT + (255,), font=alert_font)
+        top = len(lines) * alert_line + pad
+
+    classes, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    entries = [(int(classes[i]), f"{names[classes[i]]} {_share(counts[i] / labels.size)}") for i in order]
+    rows = max(1, (height - top - 2 * pad) // line)
+    if len(entries) > rows:
+        rest = counts[order[rows - 1:]].sum() / labels.size
+        entries = entries[: rows - 1] + [(-1, f"+{len(entries) - rows + 1} more, {_share(rest)}")]
+    text_width = max(1, width // 2 - size - 3 * pad)
+    entries = [(k, _fit(text, font, text_width)) for k, text in entries]
+    box_w = size + 3 * pad + max(math.ceil(font.getlength(text)) for _, text in entries)
+    left = width - box_w - pad
+    draw.rectangle((left, top + pad, width - pad, top + 2 * pad + len(entries) * line), fill=(255, 255, 255, 200))
+    for i, (k, text) in enumerate(entries):
+        y = top + 2 * pad + i * line
+        if k >= 0:
+            draw.rectangle((left + pad, y, left + pad + size - 1, y + size - 1), fill=tuple(palette[k]) + (255,), outline=(0, 0, 0, 255))
+        draw.text((left + size + 2 * pad, y), text, fill=(0, 0, 0, 255), font=font)
+    return Image.alpha_composite(picture, layer).convert("RGB")
+
+
+def _share(fraction: float) -> str:
+    return f"{fraction:.0%}" if fraction >= 0.01 else "<1%"
+
+
+def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """``text``, cut with an ellipsis where it is wider than ``width``."""
+    if font.getlength(text) <= width:
+        return text
+    while len(text) > 1 and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"

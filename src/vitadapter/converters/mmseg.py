@@ -127,6 +127,13 @@ def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep
     return sorted(dropped)
 
 
+def checkpoint_num_classes(checkpoint: Mapping[str, Any]) -> Optional[int]:
+    """The class count of a whole segmentation checkpoint's decode head (its classifier's outputs), or
+    None where it has no classifier this loader knows: build the segmentor for it before loading."""
+    weight = _flat_state(_as_dict(checkpoint, "this checkpoint")).get("decode_head.conv_seg.weight")
+    return int(weight.shape[0]) if getattr(weight, "ndim", 0) >= 1 else None
+
+
 def _flat_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     state = checkpoint
     for wrapper in ("state_dict", "model"):
