@@ -304,3 +304,21 @@ def test_mask2former_segmentor_from_upstreams_config_and_checkpoint():
     assert {"loss_cls", "loss_mask", "loss_dice"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     with pytest.raises(ValueError, match="not an auxiliary one"):
         load_upstream_segmentor(dict(cfg, auxiliary_head=dict(meta["decode_head"])))
+
+
+def test_predict_runs_a_mask2former_segmentor_at_its_releases_test_scale():
+    from PIL import Image
+
+    from vitadapter.predict import default_scale, predict
+
+    head = Mask2FormerHead([8] * 4, feat_channels=16, out_channels=16, num_queries=5, num_classes=4, num_groups=4,
+                           encoder_layers=1, encoder_heads=2, encoder_ffn_channels=32, decoder_layers=2,
+                           decoder_heads=2, decoder_ffn_channels=32)
+    segmentor = Segmentor(TinyBackbone(), head, mode="slide", crop_size=64, stride=48).eval()
+    image = Image.fromarray(torch.randint(0, 256, (75, 93, 3), dtype=torch.uint8).numpy())
+    labels = predict(segmentor, image, scale=64)
+    assert labels.shape == (75, 93) and labels.min() >= 0 and labels.max() < 4
+    with torch.device("meta"):
+        cityscapes_model = vitadapter.create_model("mask2former_beit_adapter_l_896.cityscapes")
+        ade_model = vitadapter.create_model("upernet_beit_adapter_l")
+    assert default_scale(cityscapes_model) == (1024, 2048) and default_scale(ade_model) == (640, 2048)
