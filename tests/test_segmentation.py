@@ -240,7 +240,7 @@ def test_segmentor_refuses_bad_settings():
 
 def test_zoo_names_release_files_and_builds_upstreams_recipe():
     archs = [a for m in SEGMENTOR_MODULES for a in timm.list_models(module=m)]
-    assert len(archs) == 9 and set(archs) <= set(vitadapter.list_models())
+    assert len(archs) == 12 and set(archs) <= set(vitadapter.list_models())
     datasets = {150: ade20k.CLASSES, 171: coco_stuff.CLASSES, 19: cityscapes.CLASSES}
     for tag in vitadapter.list_pretrained("upernet_*") + vitadapter.list_pretrained("mask2former_*"):
         cfg = timm.models.get_pretrained_cfg(tag)
@@ -257,7 +257,7 @@ def test_zoo_names_release_files_and_builds_upstreams_recipe():
             assert isinstance(model.decode_head, UPerHead) and model.auxiliary_head.loss_weight == 0.4
         else:
             assert isinstance(model.decode_head, Mask2FormerHead) and model.auxiliary_head is None
-            assert model.decode_head.num_queries == (100 if tag.endswith(("cityscapes", "l.ade20k")) else 200)
+            assert model.decode_head.num_queries == (200 if "_896." in tag and not tag.endswith("cityscapes") else 100)
     for module in (ade20k, coco_stuff, cityscapes):
         assert len(module.CLASSES) == len(module.PALETTE) and len(set(module.CLASSES)) == len(module.CLASSES)
         assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in module.PALETTE)

@@ -69,7 +69,7 @@ def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
             continue
         tags = vitadapter.list_pretrained(f"{arch}.*")
         if not arch.startswith("vit_adapter_dino"):  # the DINO adapters' released heads are not ViT-Adapter's
-            assert any(t.endswith(("_ade20k", "_coco")) for t in tags), arch
+            assert any(t.endswith(("_ade20k", "_coco", "_cocostuff10k")) for t in tags), arch
         default = timm.models.get_pretrained_cfg(arch)
         assert default.hf_hub_id.startswith("timm/") and not default.url, arch
 

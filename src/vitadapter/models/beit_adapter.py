@@ -28,6 +28,23 @@ default_cfgs = generate_default_cfgs({
         "segmentation/configs/ade20k/mask2former_beit_adapter_large_640_160k_ade20k_ss.py",
         _SEG_METRIC.format(58.3, 59.0) + ", Mask2Former 160k", input_size=(3, 640, 640),
     ),
+    "beit_adapter_l_512.in22k_ft_in22k": _trunk("timm/beit_large_patch16_224.in22k_ft_in22k", input_size=(3, 512, 512)),
+    "beit_adapter_l_512.upernet_cocostuff10k": _upstream(
+        "v0.2.4/upernet_beit_adapter_large_512_80k_cocostuff10k.pth.tar",
+        "segmentation/configs/coco_stuff10k/upernet_beit_adapter_large_512_80k_cocostuff10k_ss.py",
+        "COCO-Stuff-10k mIoU 51.0 (SS) / 51.4 (MS), UperNet 80k", input_size=(3, 512, 512),
+    ),
+    "beit_adapter_l_512.mask2former_cocostuff10k": _upstream(
+        "v0.2.5/mask2former_beit_adapter_large_512_40k_cocostuff10k.zip",
+        "segmentation/configs/coco_stuff10k/mask2former_beit_adapter_large_512_40k_cocostuff10k_ss.py",
+        "COCO-Stuff-10k mIoU 53.2 (SS) / 54.2 (MS), Mask2Former 40k", input_size=(3, 512, 512),
+    ),
+    "beit_adapter_b_512.in22k_ft_in22k": _trunk("timm/beit_base_patch16_224.in22k_ft_in22k", input_size=(3, 512, 512)),
+    "beit_adapter_b_512.mask2former_cocostuff10k": _upstream(
+        "v0.2.9/mask2former_beit_adapter_base_512_40k_cocostuff10k.pth.tar",
+        "segmentation/configs/coco_stuff10k/mask2former_beit_adapter_base_512_40k_cocostuff10k_ss.py",
+        "COCO-Stuff-10k mIoU 50.0 (SS) / 50.5 (MS), Mask2Former 40k", input_size=(3, 512, 512),
+    ),
     "beit_adapter_l_896.in22k_ft_in22k": _trunk("timm/beit_large_patch16_224.in22k_ft_in22k", input_size=(3, 896, 896)),
     "beit_adapter_l_896.mask2former_coco_ade20k": _upstream(
         "v0.2.0/mask2former_beit_adapter_large_896_80k_ade20k.zip",
@@ -59,12 +76,17 @@ _BEIT_L = dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, qkv_bias=T
                use_abs_pos_emb=False, use_rel_pos_bias=True)
 _ADAPTER_L = dict(conv_inplane=64, n_points=4, deform_num_heads=16, deform_ratio=0.5, cffn_ratio=0.25,
                   init_values=1e-6, interaction_indexes=[[0, 5], [6, 11], [12, 17], [18, 23]])
+# BEiT-B as upstream's configs write it, and its adapter (ViT-Adapter-B's, with BEiT's layer scale)
+_BEIT_B = dict(_BEIT_L, embed_dim=768, depth=12, num_heads=12)
+_ADAPTER_B = dict(_ADAPTER_L, deform_num_heads=12, interaction_indexes=[[0, 2], [3, 5], [6, 8], [9, 11]])
 # 14-token windows, the last block of every group attends within 56
 _DET_WINDOWS = ([14] * 5 + [56]) * 4
 
 
-def _beit(variant: str, trunk: str, img_size: int, pretrained: bool, kwargs: dict[str, Any], **extra: Any) -> ViTAdapter:
-    args = dict(_ADAPTER_L, trunk=trunk, trunk_kwargs=dict(_BEIT_L, img_size=img_size), **extra)
+def _beit(variant: str, trunk: str, img_size: int, pretrained: bool, kwargs: dict[str, Any], base: bool = False,
+          **extra: Any) -> ViTAdapter:
+    adapter, vit = (_ADAPTER_B, _BEIT_B) if base else (_ADAPTER_L, _BEIT_L)
+    args = dict(adapter, trunk=trunk, trunk_kwargs=dict(vit, img_size=img_size), **extra)
     return _create_vit_adapter(variant, pretrained, **dict(args, **kwargs))
 
 
@@ -72,6 +94,18 @@ def _beit(variant: str, trunk: str, img_size: int, pretrained: bool, kwargs: dic
 def beit_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
     """ViT-Adapter-L on BEiT-L/16, 640-px relative position tables, segmentation forward."""
     return _beit("beit_adapter_l", "beit_large_patch16_224", 640, pretrained, kwargs, drop_path_rate=0.3)
+
+
+@register_model
+def beit_adapter_l_512(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-L on BEiT-L/16, 512-px relative position tables, segmentation forward (COCO-Stuff-10k)."""
+    return _beit("beit_adapter_l_512", "beit_large_patch16_224", 512, pretrained, kwargs, drop_path_rate=0.3)
+
+
+@register_model
+def beit_adapter_b_512(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
+    """ViT-Adapter-B on BEiT-B/16, 512-px relative position tables, segmentation forward (COCO-Stuff-10k)."""
+    return _beit("beit_adapter_b_512", "beit_base_patch16_224", 512, pretrained, kwargs, base=True, drop_path_rate=0.2)
 
 
 @register_model

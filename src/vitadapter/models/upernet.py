@@ -14,16 +14,19 @@ from typing import Any, Optional
 
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 
-from ..data import ade20k
+from ..data import ade20k, coco_stuff
 from ..heads import FCNHead, UPerHead
 from .segmentor import Segmentor, create_segmentor
+from .vit_adapter import _upstream
 
 _ADE20K = dict(num_classes=150, label_names=ade20k.CLASSES)
+COCO_STUFF = dict(num_classes=171, label_names=coco_stuff.CLASSES)
 
 
 def release(backbone_tag: str, test_size: tuple[int, int], **kwargs: Any) -> dict[str, Any]:
-    """The whole model of the release file a backbone tag already points at (one file, one entry).
-    ``test_size`` (short, long): upstream's test scale, images are resized to fit it keeping their ratio."""
+    """The whole model of the release file a backbone tag already points at (one file, one entry),
+    ADE20K's classes unless ``kwargs`` say otherwise. ``test_size`` (short, long): upstream's test
+    scale, images are resized to fit it keeping their ratio."""
     cfg = get_pretrained_cfg(backbone_tag).to_dict()
     keep = ("url", "origin_url", "notes", "mean", "std", "input_size", "license")
     entry = dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **_ADE20K, test_input_size=(3, *test_size))
@@ -37,6 +40,15 @@ default_cfgs = generate_default_cfgs({
     "upernet_vit_adapter_b_384.augreg_ade20k": release("vit_adapter_b_384.augreg_upernet_ade20k", (512, 2048)),
     "upernet_vit_adapter_l.augreg_ade20k": release("vit_adapter_l.augreg_upernet_ade20k", (512, 2048)),
     "upernet_beit_adapter_l.ade20k": release("beit_adapter_l.upernet_ade20k", (640, 2048)),
+    "upernet_beit_adapter_l.cocostuff164k": _upstream(
+        "v0.2.6/upernet_beit_adapter_large_640_80k_cocostuff164k.pth.tar",
+        "segmentation/configs/coco_stuff164k/upernet_beit_adapter_large_640_80k_cocostuff164k_ss.py",
+        "COCO-Stuff-164k val mIoU 50.5 (SS) / 50.7 (MS), UperNet 80k",
+        input_size=(3, 640, 640), test_input_size=(3, 640, 2560), **COCO_STUFF,
+    ),
+    "upernet_beit_adapter_l_512.cocostuff10k": release(
+        "beit_adapter_l_512.upernet_cocostuff10k", (512, 2048), **COCO_STUFF
+    ),
 })
 
 
@@ -87,6 +99,12 @@ def upernet_vit_adapter_l(pretrained: bool = False, **kwargs: Any) -> Segmentor:
 
 
 @register_model
+def upernet_beit_adapter_l_512(pretrained: bool = False, **kwargs: Any) -> Segmentor:
+    """UperNet (1024 wide) on BEiT-Adapter-L with 512-px tables, 512 crops every 341 pixels (COCO-Stuff-10k)."""
+    return _create_upernet("upernet_beit_adapter_l_512", "beit_adapter_l_512", pretrained, kwargs, channels=1024)
+
+
+@register_model
 def upernet_beit_adapter_l(pretrained: bool = False, **kwargs: Any) -> Segmentor:
-    """UperNet (1024 wide) on BEiT-Adapter-L, ADE20K 640 crops, windows every 426 pixels."""
+    """UperNet (1024 wide) on BEiT-Adapter-L, 640 crops, windows every 426 pixels."""
     return _create_upernet("upernet_beit_adapter_l", "beit_adapter_l", pretrained, kwargs, channels=1024, crop=640, stride=426)
