@@ -133,7 +133,8 @@ class ViTAdapter(nn.Module):
             window_size=None if window_size is None else list(window_size),
         )
         self.in_chans = self.trunk.in_chans
-        embed_dim = self.embed_dim = self.num_features = self.trunk.embed_dim
+        embed_dim = self.embed_dim = self.num_features = self.head_hidden_size = self.trunk.embed_dim
+        self.num_classes = 0  # a feature backbone: forward_head only pools
         self.add_vit_feature = add_vit_feature
         self.vit_feature_source = vit_feature_source
         self.extractor_only = extractor_only
@@ -281,6 +282,29 @@ class ViTAdapter(nn.Module):
             self.up = nn.Identity()
         self.kept_levels = kept
         return list(take)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head step for a model without a classifier: the final map averaged over space, (B, D)."""
+        return x.mean((-2, -1))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return nn.Identity()
+
+    def reset_classifier(self, num_classes: int = 0, global_pool: Optional[str] = None) -> None:
+        """A feature backbone has no classifier: 0 classes is a no-op, anything else an error."""
+        if num_classes:
+            raise ValueError(
+                f"ViTAdapter is a feature backbone without a classifier: cannot reset it to {num_classes} classes; "
+                "put a head on model(x) or forward_head(forward_features(x))"
+            )
+
+    def __prepare_scriptable__(self) -> "ViTAdapter":
+        # torch.jit.script calls this first: say plainly what works instead of a type error from deep inside
+        raise TypeError(
+            "ViTAdapter does not support TorchScript (torch.jit.script, deprecated in recent PyTorch): use "
+            "torch.compile, torch.export.export, or ONNX (vitadapter.integrations.onnx.export_onnx)"
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -548,13 +572,14 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
         # nothing of the adapter's own to load: the trunk's timm weights, through timm
         kwargs["pretrained_trunk"], pretrained = True, False
 
-    def build(**model_kwargs: Any) -> ViTAdapter:
+    def build(device: Any = None, dtype: Optional[torch.dtype] = None, **model_kwargs: Any) -> ViTAdapter:
+        # timm passes device and dtype to every constructor; the weights load first, then move
         model = ViTAdapter(**model_kwargs)
         if pretrained:
             from ..hub import load_pretrained  # hub imports this module, so it cannot be imported on top
 
             load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir, timeout=timeout)
-        return model
+        return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
 
     return build_model_with_cfg(
         build,
@@ -581,7 +606,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "interpolation": "bicubic",
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
-        "first_conv": "vit.patch_embed.proj",
+        "first_conv": ("vit.patch_embed.proj", "spm.stem.0"),
         "classifier": "",
         "num_classes": 0,
         "license": "apache-2.0",
