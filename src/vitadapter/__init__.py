@@ -26,7 +26,7 @@ _EXPORTS = {
     "push_to_hub": "hub",
     "save_pretrained": "hub",
 }
-_SUBPACKAGES = ("hub", "kernels", "layers", "models", "trunks", "upstream", "visualize")
+_SUBPACKAGES = ("hub", "integrations", "kernels", "layers", "models", "trunks", "upstream", "visualize")
 # modules that do not import torch (what the command needs to start)
 _LIGHT = ("catalog", "cli")
 

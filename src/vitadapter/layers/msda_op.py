@@ -15,6 +15,9 @@ autograd included, so it works under ``torch.compile`` and ``torch.export``):
 The adapter's modules enter through ``deform_attn_from_projections``: it takes the raw
 projections (pixel offsets, logits), which the Triton path turns into locations and softmax
 weights inside the kernel (``vitadapter::ms_deform_attn_fused``) instead of in separate passes.
+While ``torch.onnx.export`` runs, it uses neither op but standard ones that ONNX has
+(``_deform_attn_portable``: ``grid_sample`` per level); ``ms_deform_attn`` itself, called with
+tensor ``spatial_shapes``, stays the custom op, which ONNX export does not translate.
 """
 from __future__ import annotations
 
