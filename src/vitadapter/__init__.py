@@ -28,7 +28,9 @@ _EXPORTS = {
     "push_to_hub": "hub",
     "save_pretrained": "hub",
 }
-_SUBPACKAGES = ("converters", "data", "heads", "hub", "kernels", "layers", "models", "trunks", "upstream", "visualize")
+_SUBPACKAGES = (
+    "converters", "data", "heads", "hub", "integrations", "kernels", "layers", "models", "trunks", "upstream", "visualize",
+)
 # modules that do not import torch (what the command needs to start)
 _LIGHT = ("catalog", "cli")
 
@@ -63,23 +65,32 @@ def __dir__() -> list[str]:
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):
     """Finds nothing itself: when ``timm`` is about to load, it wraps timm's own loader so that the
-    models register right after timm's ``__init__`` has run, then steps out of the import system.
+    models register right after timm's ``__init__`` has run, and then steps out of the import system.
 
     When one of vitadapter's own modules is what imports timm, the models cannot load in the middle
     of it (they import that very module); that import either leads to the models itself or, like
     ``import vitadapter.layers``, needs no registry.
     """
 
+    searching = False
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "timm":
+        # Other code may only look timm up (transformers' ``is_timm_available`` does): the finder
+        # stays in place until timm really loads.
+        if fullname != "timm" or self.searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        self.searching = True
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self.searching = False
         if spec is None or spec.loader is None:
             return spec
         exec_timm = spec.loader.exec_module
 
         def exec_then_register(module: Any) -> None:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             exec_timm(module)
             if not _importing_own_module():
                 importlib.import_module(f"{__name__}.models")

@@ -1,6 +1,6 @@
 """The ``vitadapter`` command: list and describe models, picture the feature pyramid of an image (or a
-folder of them), segment images, measure a segmentor's mIoU, fine-tune a segmentor and convert
-upstream checkpoints into Hub folders.
+folder of them), segment images, measure a segmentor's mIoU, fine-tune a segmentor, convert
+upstream checkpoints into Hub folders and export models to ONNX.
 
 Only the commands that run models import torch, inside their functions: ``--help``, ``list``,
 ``describe`` and usage errors answer at once, from ``catalog.json``. Every error is one line on
@@ -748,6 +748,40 @@ def _count(text: str) -> int:
     return value
 
 
+# ---- export-onnx ----------------------------------------------------------------------------------------
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    _check_model_name(args.model, "export-onnx")
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"export-onnx {out}: name a .onnx file")
+    if not out.parent.is_dir():
+        raise UsageError(f"export-onnx {out}: the folder {out.parent} does not exist")
+    if args.size is not None and min(args.size) < _MIN_ONNX_SIZE:
+        raise UsageError(f"--size {args.size[0]} {args.size[1]}: height and width must be at least {_MIN_ONNX_SIZE}")
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as e:
+        raise UsageError("export-onnx needs the onnx and onnxscript packages: pip install 'vitadapter[onnx]'") from e
+    import torch
+
+    from .integrations.onnx import export_onnx
+
+    model, weights = _features_model(args, torch.device("cpu"))
+    path = export_onnx(model, out, size=args.size, dynamic=not args.static)
+    height, width = args.size or tuple(model.pretrained_cfg.get("input_size", (3, 512, 512)))[-2:]
+    sizes = f"batch 1 x {height} x {width} only" if args.static else f"any batch, height and width (at least {_MIN_ONNX_SIZE})"
+    print(f"model: {args.model}, weights: {weights or 'random initialisation (no pretrained weights)'}")
+    print(f"wrote {path}: input 'image', outputs 'stride4' ... 'stride32'; takes {sizes}")
+    return 0
+
+
+_MIN_ONNX_SIZE = 32
+
+
 # ---- the parser and the entry point -------------------------------------------------------------------
 
 
@@ -838,6 +872,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available; torchrun: each process's GPU)")
     p.set_defaults(run=_train_seg)
+
+    p = _subcommand(sub, "export-onnx", "write a model as an ONNX file (dynamic batch, height and width)")
+    p.add_argument("model", help="model name (or name.tag, local-dir:, hf-hub:), see `vitadapter list`")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="example image size to trace (default: the model's input size); with --static the only size")
+    p.add_argument("--static", action="store_true", help="fix batch 1 and --size instead of dynamic sizes")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="export the model's weights (may download)")
+    weights.add_argument("--weights", metavar="FILE", help="load weights from a local file (.safetensors, upstream .pth/.zip)")
+    p.set_defaults(run=_export_onnx, seed=0)
     return parser
 
 

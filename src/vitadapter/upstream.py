@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
+from timm.models import adapt_input_conv
 from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_filter
@@ -243,9 +244,26 @@ def load_checkpoint(model: ViTAdapter, checkpoint: Checkpoint) -> Conversion:
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = read_checkpoint(checkpoint)
     conversion = convert_checkpoint(checkpoint, model)
+    _adapt_input_convs(model, conversion.state)
     check_state_dict(model, conversion.state)
     model.load_state_dict(conversion.state)
     return conversion
+
+
+# the convolutions that read the image: the trunk's patch embedding and the spatial prior's stem
+INPUT_CONVS = ("vit.patch_embed.proj.weight", "spm.stem.0.weight")
+
+
+def _adapt_input_convs(model: ViTAdapter, state: dict[str, Any]) -> None:
+    """RGB weights for a model of another channel count: both input convolutions adapted as timm
+    adapts its models' ``first_conv`` (1 channel: the sum; more: RGB repeated and rescaled)."""
+    own = model.state_dict()
+    for key in INPUT_CONVS:
+        weight, expected = state.get(key), own.get(key)
+        if not isinstance(weight, torch.Tensor) or expected is None or weight.dim() != 4 or not weight.is_floating_point():
+            continue
+        if weight.shape[1] == 3 and expected.shape[1] != 3 and weight.shape[0] == expected.shape[0]:
+            state[key] = adapt_input_conv(expected.shape[1], weight)
 
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[Any, Any]:

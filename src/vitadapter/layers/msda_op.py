@@ -15,6 +15,9 @@ autograd included, so it works under ``torch.compile`` and ``torch.export``):
 The adapter's modules enter through ``deform_attn_from_projections``: it takes the raw
 projections (pixel offsets, logits), which the Triton path turns into locations and softmax
 weights inside the kernel (``vitadapter::ms_deform_attn_fused``) instead of in separate passes.
+While ``torch.onnx.export`` runs, it uses neither op but standard ones that ONNX has
+(``_deform_attn_portable``: ``grid_sample`` per level); ``ms_deform_attn`` itself, called with
+tensor ``spatial_shapes``, stays the custom op, which ONNX export does not translate.
 """
 from __future__ import annotations
 
@@ -352,6 +355,8 @@ def deform_attn_from_projections(
     offsets (B, Q, heads, levels, points, 2) in pixels of their level; logits (B, Q, heads,
     levels * points), softmax-normalised per head -> (B, Q, heads * head_dim).
     """
+    if torch.onnx.is_in_onnx_export():
+        return _deform_attn_portable(value, spatial_shapes, reference_points, offsets, logits)
     shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=value.device).view(-1, 2)
     starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
     if resolve_backend(backend, value.device) == "triton":
@@ -367,6 +372,40 @@ def deform_attn_from_projections(
     )
     weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
     return ms_deform_attn_op(value, shapes, starts, locations, weights, "reference")
+
+
+def _deform_attn_portable(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+) -> torch.Tensor:
+    """``deform_attn_from_projections`` in standard ops only, for exporters (ONNX) that cannot
+    carry the custom op: one ``grid_sample`` per level (ONNX ``GridSample``, zero padding, pixel
+    centres as ``align_corners=False``) and a weighted sum over the points.
+
+    Level sizes may be symbolic (an export with dynamic height and width): they are only used in
+    shape arithmetic and scalar divisions, never turned into tensors.
+    """
+    batch, queries, heads, levels, points, _ = offsets.shape
+    head_dim = value.shape[-1]
+    weights = _narrow_softmax(logits).to(value.dtype).transpose(1, 2).reshape(batch * heads, queries, levels, points)
+    # grid_sample wants one image per (batch, head) pair, channels first
+    maps = value.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, value.shape[1])
+    offsets = offsets.permute(0, 2, 1, 3, 4, 5).reshape(batch * heads, queries, levels, points, 2)
+    centres = reference_points.to(offsets.dtype).view(1, queries, 1, 2)
+    out, start = None, 0
+    for level, (h, w) in enumerate(spatial_shapes):
+        level_map = maps[..., start:start + h * w].reshape(batch * heads, head_dim, h, w)
+        start = start + h * w
+        # location = centre + offset / size; grid_sample's coordinate is 2 * location - 1
+        scale = torch.stack([2.0 / (offsets.new_ones(()) * w), 2.0 / (offsets.new_ones(()) * h)])
+        grid = (centres * 2 - 1) + offsets[:, :, level] * scale
+        sampled = F.grid_sample(level_map, grid.to(value.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = (sampled * weights[:, None, :, level]).sum(-1)  # (B * heads, head_dim, Q)
+        out = part if out is None else out + part
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2)
 
 
 def _narrow_softmax(logits: torch.Tensor) -> torch.Tensor:

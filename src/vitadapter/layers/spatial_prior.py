@@ -2,6 +2,8 @@
 (docs/upstream.md, "Forward")."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -33,9 +35,11 @@ class SpatialPriorModule(nn.Module):
         self.fc3 = nn.Conv2d(4 * inplanes, dim, 1)
         self.fc4 = nn.Conv2d(4 * inplanes, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, finest: bool = True) -> list[Optional[torch.Tensor]]:
+        """The four maps; the stride-4 one is ``None`` without ``finest`` (a model pruned to the
+        coarser levels, whose ``fc1`` is gone)."""
         c1 = self.stem(x)
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
-        return [self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4)]
+        return [self.fc1(c1) if finest else None, self.fc2(c2), self.fc3(c3), self.fc4(c4)]

@@ -14,6 +14,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.layers import trunc_normal_
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import InteractionBlock, MSDeformAttn, SpatialPriorModule
@@ -132,7 +133,8 @@ class ViTAdapter(nn.Module):
             window_size=None if window_size is None else list(window_size),
         )
         self.in_chans = self.trunk.in_chans
-        embed_dim = self.embed_dim = self.num_features = self.trunk.embed_dim
+        embed_dim = self.embed_dim = self.num_features = self.head_hidden_size = self.trunk.embed_dim
+        self.num_classes = 0  # a feature backbone: forward_head only pools
         self.add_vit_feature = add_vit_feature
         self.vit_feature_source = vit_feature_source
         self.extractor_only = extractor_only
@@ -164,6 +166,8 @@ class ViTAdapter(nn.Module):
         self.feature_info = [
             dict(num_chs=embed_dim, reduction=stride, module=f"norm{i + 1}") for i, stride in enumerate(STRIDES)
         ]
+        # the levels forward computes and returns; prune_intermediate_layers narrows it
+        self.kept_levels: tuple[int, ...] = tuple(range(len(STRIDES)))
         self.init_adapter_weights()
         if freeze_trunk:
             self.vit.requires_grad_(False)
@@ -198,94 +202,35 @@ class ViTAdapter(nn.Module):
         of another floating dtype is cast to the model's; all four maps come back in the model's dtype,
         or in autocast's while it is on; an empty batch gives empty maps. In training, the zero padding up to a
         multiple of 32 counts toward the BatchNorm statistics, as the padding of upstream's data
-        pipelines does.
+        pipelines does. After ``prune_intermediate_layers`` only the kept levels come back.
+
+        ``torch.fx`` traces it (``create_feature_extractor`` works): the input checks and the
+        shape-dependent adapter body are single calls in the graph, the level norms
+        (``norm1`` ... ``norm4``) are module calls.
         """
-        return self.forward_features(x)
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self._prepare_input(x)
-        h, w = x.shape[-2:]
-        dtype = _levels_dtype(x)
-        if not x.shape[0]:
-            empty = [x.new_zeros(0, self.embed_dim, math.ceil(h / s), math.ceil(w / s), dtype=dtype) for s in STRIDES]
-            return [level.contiguous(memory_format=torch.channels_last) for level in empty]
-        x = F.pad(x, (0, -w % SIZE_DIVISOR, 0, -h % SIZE_DIVISOR)).contiguous(memory_format=torch.channels_last)
-        batch = x.shape[0]
-
-        c1, *pyramid = self.spm(x)
-        c_grids = [tuple(p.shape[-2:]) for p in pyramid]
-        c = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[i] for i, p in enumerate(pyramid)], dim=1)
-        c_points = _reference_points(c_grids, x)
-
-        if self.extractor_only:
-            vit_maps, vit_grid = self._trunk_outputs(x)
-            for interaction, tokens in zip(self.interactions, vit_maps):
-                c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
-        else:
-            tokens, prefix, vit_grid = self.trunk.embed(x)
-            vit_points = _reference_points([vit_grid], x)
-            vit_maps = []
-            for interaction, (start, end) in zip(self.interactions, self.interaction_indexes):
-                tokens = self._maybe_checkpoint(interaction.injector, tokens, c, vit_points, c_grids)
-                tokens, prefix = self.trunk.run(tokens, prefix, start, end, vit_grid)
-                c = self._maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
-                vit_maps.append(tokens)
-
-        c2, c3, c4 = [
-            part.reshape(batch, gh, gw, self.embed_dim).permute(0, 3, 1, 2)
-            for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in c_grids], dim=1), c_grids)
-        ]
-        # c2..c4 are views of c (saved for backward); c1 is the transposed conv's fresh output and
-        # can take its sums in place, which saves two full-resolution buffers.
-        c1 = self.up(c2).add_(c1)
-        levels = [c1, c2, c3, c4]
-        if self.add_vit_feature:
-            if self.vit_feature_source == "final":
-                vit_maps = vit_maps[-1:] * 4
-            feats = [self._vit_map(t, vit_grid, level.shape[-2:]) for t, level in zip(vit_maps, levels)]
-            levels = [c1.add_(feats[0])] + [level + feat for level, feat in zip(levels[1:], feats[1:])]
+        image = _checked_image(x, self.in_chans, self.level_embed)
+        levels = _adapter_levels(
+            image, self.spm, self.trunk, self.interactions, self.up, self.level_embed, self._forward_settings()
+        )
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
-        return [
-            norm(level)[..., : math.ceil(h / s), : math.ceil(w / s)].to(dtype)
-            for norm, level, s in zip(norms, levels, STRIDES)
-        ]
+        return [_fit_to_image(norms[i](levels[i]), image, STRIDES[i]) for i in self.kept_levels]
 
-    def _trunk_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        """Extractor-only: one trunk pass, each interaction's last block output through the final norm."""
-        with torch.no_grad() if self.freeze_trunk else nullcontext():
-            tokens, prefix, grid = self.trunk.embed(x)
-            outputs, done = [], -1
-            for _, end in self.interaction_indexes:
-                tokens, prefix = self.trunk.run(tokens, prefix, done + 1, end, grid)
-                outputs.append(self.trunk.final_norm(tokens))
-                done = end
-        return outputs, grid
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The coarsest level (stride 32, or the coarsest kept one after pruning): timm's "final
+        feature map", what ``forward_intermediates`` returns first. ``model(x)`` gives all levels."""
+        return self(x)[-1]
 
-    def _vit_map(self, tokens: torch.Tensor, grid: tuple[int, int], size: torch.Size) -> torch.Tensor:
-        """ViT tokens as a (channels-last) map, resized bilinearly to a pyramid level's exact size."""
-        feat = tokens.reshape(tokens.shape[0], *grid, self.embed_dim).permute(0, 3, 1, 2)
-        if feat.shape[-2:] == size:
-            return feat
-        return F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
-
-    def _maybe_checkpoint(self, fn, *args):
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The checked image batch, in the model's floating dtype."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ViTAdapter expects a torch.Tensor image batch, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"ViTAdapter expects a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"ViTAdapter expects a floating-point image, got dtype {x.dtype}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if min(x.shape[-2:]) < MIN_SIZE:
-            raise ValueError(f"image must be at least {MIN_SIZE}x{MIN_SIZE}, got {x.shape[-2]}x{x.shape[-1]}")
-        return x.to(self.level_embed.dtype)
+    def _forward_settings(self) -> dict[str, Any]:
+        """Plain values the adapter body needs (constants in a ``torch.fx`` graph)."""
+        return dict(
+            interaction_indexes=self.interaction_indexes,
+            extractor_only=self.extractor_only,
+            freeze_trunk=self.freeze_trunk,
+            add_vit_feature=self.add_vit_feature,
+            vit_feature_source=self.vit_feature_source,
+            grad_checkpointing=self.grad_checkpointing,
+            finest_level=0 in self.kept_levels,
+        )
 
     # ---- timm integration ------------------------------------------------------------------------
 
@@ -298,7 +243,8 @@ class ViTAdapter(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-        """timm's feature API over the four pyramid levels (index 0 = stride 4).
+        """timm's feature API over the pyramid levels (index 0 = stride 4): the final map (what
+        ``forward_features`` returns) and the levels ``indices`` picks.
 
         The levels come out of one pass, so ``stop_early`` saves nothing and ``norm`` has no extra
         norm to apply: each level already ends in its BatchNorm.
@@ -306,18 +252,59 @@ class ViTAdapter(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, _ = feature_take_indices(len(STRIDES), indices)
-        levels = self.forward_features(x)
-        if output_fmt == "NHWC":
-            levels = [level.permute(0, 2, 3, 1) for level in levels]
+        pruned = sorted(set(take) - set(self.kept_levels))
+        if pruned:
+            raise ValueError(f"levels {pruned} were pruned (prune_intermediate_layers kept {list(self.kept_levels)})")
+        levels = dict(zip(self.kept_levels, self(x)))
+        final = levels[self.kept_levels[-1]]
         picked = [levels[i] for i in take]
-        return picked if intermediates_only else (levels[-1], picked)
+        if output_fmt == "NHWC":
+            final, picked = final.permute(0, 2, 3, 1), [level.permute(0, 2, 3, 1) for level in picked]
+        return picked if intermediates_only else (final, picked)
 
     def prune_intermediate_layers(
         self, indices: Union[int, Sequence[int]] = 4, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Every level needs the whole network, so nothing can be pruned; returns the kept indices."""
+        """Keep only the levels ``indices`` picks (timm's meaning: an int n is the last n): the norms of
+        the others go, and without the stride-4 level so do ``spm.fc1`` and ``up``, so every remaining
+        parameter takes part in forward (DDP needs no ``find_unused_parameters``). ``model(x)`` then
+        returns the kept levels only. Returns the kept indices. The trunk and the interactions feed
+        every level, so nothing else can go."""
         take, _ = feature_take_indices(len(STRIDES), indices)
+        kept = tuple(sorted(set(take)))
+        gone = sorted(set(self.kept_levels) - set(kept))
+        if set(kept) - set(self.kept_levels):
+            raise ValueError(f"cannot keep levels {list(kept)}: only {list(self.kept_levels)} are left")
+        for i in gone:
+            setattr(self, f"norm{i + 1}", nn.Identity())
+        if 0 in gone:
+            self.spm.fc1 = nn.Identity()
+            self.up = nn.Identity()
+        self.kept_levels = kept
         return list(take)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head step for a model without a classifier: the final map averaged over space, (B, D)."""
+        return x.mean((-2, -1))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return nn.Identity()
+
+    def reset_classifier(self, num_classes: int = 0, global_pool: Optional[str] = None) -> None:
+        """A feature backbone has no classifier: 0 classes is a no-op, anything else an error."""
+        if num_classes:
+            raise ValueError(
+                f"ViTAdapter is a feature backbone without a classifier: cannot reset it to {num_classes} classes; "
+                "put a head on model(x) or forward_head(forward_features(x))"
+            )
+
+    def __prepare_scriptable__(self) -> "ViTAdapter":
+        # torch.jit.script calls this first: say plainly what works instead of a type error from deep inside
+        raise TypeError(
+            "ViTAdapter does not support TorchScript (torch.jit.script, deprecated in recent PyTorch): use "
+            "torch.compile, torch.export.export, or ONNX (vitadapter.integrations.onnx.export_onnx)"
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -341,6 +328,122 @@ class ViTAdapter(nn.Module):
             stem=r"^vit\.(?:pos_embed|patch_embed|cls_token|reg_token|rope|rel_pos_bias)",
             blocks=r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None)],
         )
+
+
+# ---- the forward's steps -----------------------------------------------------------------------
+# Module-level functions that torch.fx records as single calls (``torch.fx.wrap``): they branch on
+# values and sizes, which symbolic tracing cannot follow. Outside fx tracing they are plain calls.
+
+
+@torch.fx.wrap
+def _checked_image(x: torch.Tensor, in_chans: int, like: torch.Tensor) -> torch.Tensor:
+    """The checked image batch, in the model's floating dtype (that of ``like``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"ViTAdapter expects a torch.Tensor image batch, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"ViTAdapter expects a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"ViTAdapter expects a floating-point image, got dtype {x.dtype}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if min(x.shape[-2:]) < MIN_SIZE:
+        raise ValueError(f"image must be at least {MIN_SIZE}x{MIN_SIZE}, got {x.shape[-2]}x{x.shape[-1]}")
+    return x.to(like.dtype)
+
+
+@torch.fx.wrap
+def _adapter_levels(
+    image: torch.Tensor,
+    spm: SpatialPriorModule,
+    trunk: nn.Module,
+    interactions: nn.Sequential,
+    up: nn.Module,
+    level_embed: torch.Tensor,
+    settings: Mapping[str, Any],
+) -> list[Optional[torch.Tensor]]:
+    """The four pyramid levels before their norms, at the padded size (a multiple of 32); the
+    stride-4 one is ``None`` when ``settings["finest_level"]`` is off (pruned away)."""
+    h, w = image.shape[-2:]
+    padded_h, padded_w = _ceil_div(h, SIZE_DIVISOR) * SIZE_DIVISOR, _ceil_div(w, SIZE_DIVISOR) * SIZE_DIVISOR
+    batch, dim = image.shape[0], level_embed.shape[-1]
+    if not batch:
+        return [
+            image.new_zeros(0, dim, padded_h // s, padded_w // s).contiguous(memory_format=torch.channels_last)
+            for s in STRIDES
+        ]
+    x = F.pad(image, (0, padded_w - w, 0, padded_h - h)).contiguous(memory_format=torch.channels_last)
+    c1, *pyramid = spm(x, finest=settings["finest_level"])
+    c_grids = [tuple(p.shape[-2:]) for p in pyramid]
+    c = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[i] for i, p in enumerate(pyramid)], dim=1)
+    c_points = _reference_points(c_grids, x)
+
+    def maybe_checkpoint(fn, *args):
+        if settings["grad_checkpointing"] and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    ranges = settings["interaction_indexes"]
+    if settings["extractor_only"]:
+        vit_maps, vit_grid = _trunk_outputs(trunk, x, ranges, settings["freeze_trunk"])
+        for interaction, tokens in zip(interactions, vit_maps):
+            c = maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
+    else:
+        tokens, prefix, vit_grid = trunk.embed(x)
+        vit_points = _reference_points([vit_grid], x)
+        vit_maps = []
+        for interaction, (start, end) in zip(interactions, ranges):
+            tokens = maybe_checkpoint(interaction.injector, tokens, c, vit_points, c_grids)
+            tokens, prefix = trunk.run(tokens, prefix, start, end, vit_grid)
+            c = maybe_checkpoint(interaction.extract, c, tokens, c_points, vit_grid, c_grids)
+            vit_maps.append(tokens)
+
+    c2, c3, c4 = [
+        part.reshape(batch, gh, gw, dim).permute(0, 3, 1, 2)
+        for part, (gh, gw) in zip(c.split([gh * gw for gh, gw in c_grids], dim=1), c_grids)
+    ]
+    # c2..c4 are views of c (saved for backward); c1 is the transposed conv's fresh output and
+    # can take its sums in place, which saves two full-resolution buffers.
+    c1 = None if c1 is None else up(c2).add_(c1)
+    levels = [c1, c2, c3, c4]
+    if settings["add_vit_feature"]:
+        if settings["vit_feature_source"] == "final":
+            vit_maps = vit_maps[-1:] * 4
+        feats = [None if level is None else _vit_map(t, vit_grid, level.shape[-2:]) for t, level in zip(vit_maps, levels)]
+        levels = [None if c1 is None else c1.add_(feats[0])] + [level + feat for level, feat in zip(levels[1:], feats[1:])]
+    return levels
+
+
+@torch.fx.wrap
+def _fit_to_image(level: torch.Tensor, image: torch.Tensor, stride: int) -> torch.Tensor:
+    """A level cropped to ``ceil(h / stride) x ceil(w / stride)`` of the (unpadded) image, in the
+    levels' dtype."""
+    h, w = image.shape[-2:]
+    level = level[..., : _ceil_div(h, stride), : _ceil_div(w, stride)].to(_levels_dtype(image))
+    # an empty crop keeps no strides of its own: give it the layout of the others
+    return level if image.shape[0] else level.contiguous(memory_format=torch.channels_last)
+
+
+def _trunk_outputs(
+    trunk: nn.Module, x: torch.Tensor, ranges: Sequence[tuple[int, int]], frozen: bool
+) -> tuple[list[torch.Tensor], tuple[int, int]]:
+    """Extractor-only: one trunk pass, each interaction's last block output through the final norm."""
+    with torch.no_grad() if frozen else nullcontext():
+        tokens, prefix, grid = trunk.embed(x)
+        outputs, done = [], -1
+        for _, end in ranges:
+            tokens, prefix = trunk.run(tokens, prefix, done + 1, end, grid)
+            outputs.append(trunk.final_norm(tokens))
+            done = end
+    return outputs, grid
+
+
+def _vit_map(tokens: torch.Tensor, grid: tuple[int, int], size: torch.Size) -> torch.Tensor:
+    """ViT tokens as a (channels-last) map, resized bilinearly to a pyramid level's exact size."""
+    feat = tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1]).permute(0, 3, 1, 2)
+    # a symbolic size is resized even where it happens to match (the identity), as in the trunk
+    if all(statically_known_true(a == b) for a, b in zip(feat.shape[-2:], size)):
+        return feat
+    return F.interpolate(feat, size=size, mode="bilinear", align_corners=False)
 
 
 def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dict[str, Any]]:
@@ -430,6 +533,13 @@ def _init_adapter_module(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _ceil_div(size: int, divisor: int) -> int:
+    """ceil(size / divisor) in integer arithmetic: exact, and a plain expression when ``size`` is
+    symbolic (an export with dynamic height and width). Written without negative operands: ONNX
+    integer division truncates, which floors only non-negative numbers."""
+    return (size + divisor - 1) // divisor
+
+
 def _levels_dtype(image: torch.Tensor) -> torch.dtype:
     """One dtype for all four levels (under autocast they leave their last ops in different ones):
     autocast's while it is on for the image's device, else the image's, which is the model's."""
@@ -462,13 +572,14 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
         # nothing of the adapter's own to load: the trunk's timm weights, through timm
         kwargs["pretrained_trunk"], pretrained = True, False
 
-    def build(**model_kwargs: Any) -> ViTAdapter:
+    def build(device: Any = None, dtype: Optional[torch.dtype] = None, **model_kwargs: Any) -> ViTAdapter:
+        # timm passes device and dtype to every constructor; the weights load first, then move
         model = ViTAdapter(**model_kwargs)
         if pretrained:
             from ..hub import load_pretrained  # hub imports this module, so it cannot be imported on top
 
             load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir, timeout=timeout)
-        return model
+        return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
 
     return build_model_with_cfg(
         build,
@@ -495,7 +606,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "interpolation": "bicubic",
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
-        "first_conv": "vit.patch_embed.proj",
+        "first_conv": ("vit.patch_embed.proj", "spm.stem.0"),
         "classifier": "",
         "num_classes": 0,
         "license": "apache-2.0",

@@ -19,18 +19,25 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 Grid = tuple[int, int]
 
 
-class TrunkDriver:
-    """Embedding and block-range execution for one timm ViT family (see the module docstring)."""
+class TrunkDriver(nn.Module):
+    """Embedding and block-range execution for one timm ViT family (see the module docstring).
+
+    A module without parameters of its own: the adapter registers it (so that ``torch.fx`` can
+    pass it to the adapter's traced-as-one-call body), while the timm model it drives stays
+    registered only where the adapter keeps it (``vit``): ``model`` is not a child of the driver.
+    """
 
     family = "?"
 
     def __init__(self, model: nn.Module, window_sizes: Optional[Sequence[Optional[int]]] = None):
-        self.model = model
+        super().__init__()
+        self._driven = (model,)  # a tuple, so nn.Module does not register it a second time
         depth = len(model.blocks)
         window_sizes = [None] * depth if window_sizes is None else list(window_sizes)
         if len(window_sizes) != depth:
@@ -40,6 +47,14 @@ class TrunkDriver:
                 raise ValueError(f"window sizes must be positive integers or None, got {size!r}")
         self.window_sizes = window_sizes
         self.grad_checkpointing = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The timm ViT this driver runs."""
+        return self._driven[0]
+
+    def extra_repr(self) -> str:
+        return f"drives {type(self.model).__name__}"
 
     # ---- facts about the trunk -------------------------------------------------------------------
 
@@ -142,7 +157,9 @@ def resize_position_grid(pos: torch.Tensor, stored: Grid, grid: Grid) -> torch.T
     Upstream ViT-Adapter and DINOv2's adapter resize this way every forward; timm's own resampler
     antialiases when shrinking and gives different numbers.
     """
-    if tuple(stored) == tuple(grid):
+    # a symbolic grid (an export with dynamic height and width) is resized even where it happens to
+    # match: a same-size bicubic resize is the identity, and the graph stays valid for every size
+    if all(statically_known_true(a == b) for a, b in zip(stored, grid)):
         return pos
     rows = pos.reshape(1, *stored, -1).permute(0, 3, 1, 2)
     rows = F.interpolate(rows, size=grid, mode="bicubic", align_corners=False)
