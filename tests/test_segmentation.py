@@ -322,3 +322,27 @@ def test_predict_runs_a_mask2former_segmentor_at_its_releases_test_scale():
         cityscapes_model = vitadapter.create_model("mask2former_beit_adapter_l_896.cityscapes")
         ade_model = vitadapter.create_model("upernet_beit_adapter_l")
     assert default_scale(cityscapes_model) == (1024, 2048) and default_scale(ade_model) == (640, 2048)
+
+
+def test_a_mask2former_release_fine_tunes_to_other_classes(tmp_path):
+    """Mask2Former's classifier is cls_embed (classes + "no object"): with other num_classes it stays
+    fresh, everything else loads; the checkpoint's class count is read from it."""
+    from vitadapter.converters.mmseg import checkpoint_num_classes
+
+    def build(classes):
+        head = Mask2FormerHead([32] * 4, feat_channels=16, out_channels=16, num_queries=5, num_classes=classes,
+                               num_groups=4, encoder_layers=1, encoder_heads=2, encoder_ffn_channels=32,
+                               decoder_layers=1, decoder_heads=2, decoder_ffn_channels=32)
+        return Segmentor(vitadapter.ViTAdapter(embed_dim=32, depth=4, num_heads=2, deform_num_heads=2, conv_inplane=8,
+                                               interaction_indexes=[0, 1, 2, 3]), head)
+
+    source = randomise(build(7))
+    checkpoint = {"state_dict": source.state_dict()}
+    assert checkpoint_num_classes(checkpoint) == 7
+    target = build(3)
+    dropped = load_segmentor_checkpoint(target, checkpoint, keep_classifier=False)
+    assert dropped == ["decode_head.cls_embed.bias", "decode_head.cls_embed.weight"]
+    same = {k: v for k, v in target.state_dict().items() if "cls_embed" not in k}
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in same.items())
+    with pytest.raises(ValueError, match="cls_embed"):
+        load_segmentor_checkpoint(build(3), checkpoint)

@@ -737,17 +737,6 @@ def _json_object(text: Optional[str], option: str) -> dict[str, Any]:
     return value
 
 
-def _count(text: str) -> int:
-    """argparse type for counts that must be positive."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 # ---- export-onnx ----------------------------------------------------------------------------------------
 
 
@@ -849,16 +838,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="segmentor, e.g. upernet_vit_adapter_b (or NAME.TAG to start from that release)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for last.pth (resumable), model.pth and log.jsonl")
     p.add_argument("--split", default="training", help="subfolder of images/ and annotations/ (default: %(default)s; '' for none)")
-    p.add_argument("--num-classes", type=_count, default=150, help="classes to predict (default: %(default)s)")
+    p.add_argument("--num-classes", type=_positive, default=150, help="classes to predict (default: %(default)s)")
     p.add_argument("--no-reduce-zero-label", action="store_true",
                    help="keep label 0 as a class (default: ADE20K's convention, 0 = ignore and k -> k-1)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--weights", metavar="FILE", help="start from a whole segmentor checkpoint (a fresh classifier if the classes differ)")
     start.add_argument("--random-init", action="store_true", help="random weights (default: the backbone's ImageNet trunk; downloads once)")
     p.add_argument("--model-kwargs", metavar="JSON", help='extra create_model arguments, e.g. \'{"drop_path_rate": 0.2}\'')
-    p.add_argument("--crop", type=_count, help="square crop size (default: the model's input size, 512 or 640)")
-    p.add_argument("--batch-size", type=_count, default=2, help="images per process and step (default: %(default)s)")
-    p.add_argument("--iters", type=_count, default=160_000, help="iterations (default: %(default)s)")
+    p.add_argument("--crop", type=_positive, help="square crop size (default: the model's input size, 512 or 640)")
+    p.add_argument("--batch-size", type=_positive, default=2, help="images per process and step (default: %(default)s)")
+    p.add_argument("--iters", type=_positive, default=160_000, help="iterations (default: %(default)s)")
     p.add_argument("--warmup-iters", type=int, default=1500, help="linear warm-up iterations (default: %(default)s)")
     p.add_argument("--lr", type=float, help="base learning rate (default: upstream's for the model)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: upstream's for the model)")
@@ -867,8 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU always trains in fp32)")
     p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and augmentation (default: %(default)s)")
-    p.add_argument("--save-every", type=_count, default=1000, help="write last.pth every N iterations (default: %(default)s)")
-    p.add_argument("--log-every", type=_count, default=50, help="print the mean losses every N iterations (default: %(default)s)")
+    p.add_argument("--save-every", type=_positive, default=1000, help="write last.pth every N iterations (default: %(default)s)")
+    p.add_argument("--log-every", type=_positive, default=50, help="print the mean losses every N iterations (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available; torchrun: each process's GPU)")
     p.set_defaults(run=_train_seg)

@@ -15,7 +15,7 @@ from torch import nn
 from ..heads import FCNHead, Mask2FormerHead, UPerHead
 from ..models.segmentor import Segmentor
 from .mmseg_mask2former import mask2former_head_kwargs
-from ..upstream import Checkpoint, _as_dict, _check_entry, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
+from ..upstream import Checkpoint, _as_dict, _unwrap, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
 
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
 
@@ -100,7 +100,7 @@ def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint)
-    state = _flat_state(_as_dict(checkpoint, "this checkpoint"))
+    state = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
     backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     if not backbone_state:
         shown = ", ".join(list(state)[:5]) or "none"
@@ -114,10 +114,9 @@ def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep
             if not key.startswith("backbone."):
                 dropped.append(key)
             continue
-        _check_entry(key, value)
         if key not in own and key.startswith("auxiliary_head.") and segmentor.auxiliary_head is None:
             dropped.append(key)
-        elif not keep_classifier and ".conv_seg." in key and key in own and own[key].shape != value.shape:
+        elif not keep_classifier and _is_classifier(key) and key in own and own[key].shape != value.shape:
             dropped.append(key)
             full[key] = own[key]
         else:
@@ -127,23 +126,20 @@ def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep
     return sorted(dropped)
 
 
+def _is_classifier(key: str) -> bool:
+    """The layers whose shape follows the class count: conv heads' ``conv_seg``, Mask2Former's ``cls_embed``."""
+    return ".conv_seg." in key or key.startswith("decode_head.cls_embed.")
+
+
 def checkpoint_num_classes(checkpoint: Mapping[str, Any]) -> Optional[int]:
     """The class count of a whole segmentation checkpoint's decode head (its classifier's outputs), or
     None where it has no classifier this loader knows: build the segmentor for it before loading."""
-    weight = _flat_state(_as_dict(checkpoint, "this checkpoint")).get("decode_head.conv_seg.weight")
-    return int(weight.shape[0]) if getattr(weight, "ndim", 0) >= 1 else None
-
-
-def _flat_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    state = checkpoint
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    for key in state:
-        if not isinstance(key, str):
-            raise ValueError(f"checkpoint key {key!r} is a {type(key).__name__}, not a string")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
+    classifier = state.get("decode_head.conv_seg.weight")  # UperNet and other convolutional heads
+    if getattr(classifier, "ndim", 0) >= 1:
+        return int(classifier.shape[0])
+    queries = state.get("decode_head.cls_embed.weight")  # Mask2Former: the classes and "no object"
+    return int(queries.shape[0]) - 1 if getattr(queries, "ndim", 0) >= 1 else None
 
 
 # ---- head configs -------------------------------------------------------------------------------
