@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -43,7 +44,7 @@ class Recipe:
     layer_decay: float
 
 
-# upstream's ADE20K configs (AdamW, betas 0.9/0.999, layer-wise decay over the ViT blocks). Its
+# upstream's configs (AdamW, betas 0.9/0.999, layer-wise decay over the ViT blocks). Its
 # AugReg-B run used another scheme (heads at 10x lr, no layer decay); B's recipe stands in for it.
 RECIPES = {
     "upernet_vit_adapter_t": Recipe(12e-5, 0.01, 0.95),
@@ -52,6 +53,12 @@ RECIPES = {
     "upernet_vit_adapter_b_384": Recipe(6e-5, 0.01, 0.95),
     "upernet_vit_adapter_l": Recipe(2e-5, 0.05, 0.95),
     "upernet_beit_adapter_l": Recipe(2e-5, 0.05, 0.90),
+    "upernet_beit_adapter_l_512": Recipe(2e-5, 0.05, 0.90),
+    "mask2former_beit_adapter_l": Recipe(2e-5, 0.05, 0.90),
+    "mask2former_beit_adapter_l_512": Recipe(2e-5, 0.05, 0.90),
+    "mask2former_beit_adapter_l_896": Recipe(2e-5, 0.05, 0.90),
+    "mask2former_beitv2_adapter_l_896": Recipe(2e-5, 0.05, 0.90),
+    "mask2former_beit_adapter_b_512": Recipe(3e-5, 0.05, 0.95),
 }
 _FALLBACK = RECIPES["upernet_vit_adapter_b"]
 
@@ -403,7 +410,10 @@ class _Log:
         if self.run_dir is None:
             return
         eta = seconds * (self.iters - iteration)
-        parts = "  ".join(f"{name} {value:.4f}" for name, value in means.items())
+        # the terminal shows the final prediction's losses; log.jsonl keeps every term (Mask2Former
+        # adds one set per decoder layer, "d0." ... "d8.")
+        shown = {name: value for name, value in means.items() if not re.match(r"d\d+\.", name)}
+        parts = "  ".join(f"{name} {value:.4f}" for name, value in shown.items())
         print(f"iter {iteration}/{self.iters}  loss {loss:.4f}  ({parts})  lr {lr:.3g}  {seconds:.2f} s/iter  "
               f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
         with open(self.run_dir / LOG, "a") as f:
