@@ -382,3 +382,16 @@ def test_pyramid_picture_checks_level_shapes():
     assert pyramid_picture(image, levels, caption=["a note"], alert="a warning").height > 50
     with pytest.raises(ValueError, match="stride-8"):
         pyramid_picture(image, [levels[0], levels[0], levels[2], levels[3]])
+
+
+def test_features_of_a_folder_skips_an_unreadable_image_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "good.png", 40, 48, seed=3)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a JPEG")
+    out = tmp_path / "pictures"
+    assert main(["features", str(folder), "--size", "original", "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert [p.name for p in out.iterdir()] == ["good.png"]
+    assert "wrote 1 pictures" in captured.out
+    assert "skipped" in captured.err and "broken.jpg" in captured.err and "1 file(s) could not be read" in captured.err

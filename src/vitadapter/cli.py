@@ -159,13 +159,20 @@ def _features(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     targets = _picture_names(out, [Path(name) for name, _ in images])
     # a bar on a terminal only: in a log its redraws would run into one line
+    skipped = 0
     with tqdm(total=len(images), unit="image", desc="features", disable=None) as bar:
         for (name, source), target in zip(images, targets):
-            _picture(model, device, args, name, source, weights)[0].save(target)
-            bar.write(f"wrote {target}")
+            try:
+                _picture(model, device, args, name, source, weights)[0].save(target)
+                bar.write(f"wrote {target}")
+            except ValueError as e:  # an unreadable file is reported; the other images go on
+                bar.write(f"vitadapter: skipped {_one_line(e)}", file=sys.stderr)
+                skipped += 1
             bar.update()
-    print(f"wrote {len(targets)} pictures into {out}")
-    return 0
+    print(f"wrote {len(targets) - skipped} pictures into {out}")
+    if skipped:
+        print(f"vitadapter: {skipped} file(s) could not be read (listed above)", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def _picture_names(folder: Path, images: list[Path]) -> list[Path]:
