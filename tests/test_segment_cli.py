@@ -191,6 +191,10 @@ def test_label_png_holds_class_indices_and_the_palette(tmp_path):
     with Image.open(tmp_path / "l.png") as im:
         assert im.mode == "P" and np.array_equal(np.asarray(im), labels)
         assert tuple(im.convert("RGB").getpixel((1, 0))) == ade20k.PALETTE[149]
+    from vitadapter.data import cityscapes, coco_stuff
+
+    assert class_palette(171, coco_stuff.CLASSES) == list(coco_stuff.PALETTE)
+    assert class_palette(19, cityscapes.CLASSES) == list(cityscapes.PALETTE)
     generated = class_palette(300)
     assert len(set(generated[:64])) == 64
     assert label_image(np.array([[299]]), generated).mode == "I;16"

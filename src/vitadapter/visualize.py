@@ -156,12 +156,14 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
 
 
 def class_palette(num_classes: int, class_names: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
-    """An RGB colour per class: ADE20K's palette for its 150 classes, else colours spread around the hue
-    circle (golden-ratio steps, alternating brightness) so that neighbouring indices differ."""
-    from .data import ade20k
+    """An RGB colour per class: the dataset's own palette when the names are a bundled dataset's
+    (ADE20K, COCO-Stuff, Cityscapes), else colours spread around the hue circle (golden-ratio steps,
+    alternating brightness) so that neighbouring indices differ."""
+    from .data import ade20k, cityscapes, coco_stuff
 
-    if class_names is not None and tuple(class_names) == ade20k.CLASSES:
-        return list(ade20k.PALETTE)
+    for dataset in (ade20k, coco_stuff, cityscapes):
+        if class_names is not None and tuple(class_names) == dataset.CLASSES:
+            return list(dataset.PALETTE)
     colours = []
     for k in range(num_classes):
         r, g, b = colorsys.hsv_to_rgb((k * 0.618033988749895) % 1.0, 0.75 if k % 2 else 0.95, 0.95 if k % 3 else 0.7)
