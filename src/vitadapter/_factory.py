@@ -13,7 +13,12 @@ from .config_checks import check_config_json
 
 def list_models(pattern: str = "") -> list[str]:
     """Registered vitadapter architectures, optionally filtered by a glob ``pattern``."""
-    return sorted({name for module in models.FAMILY_MODULES for name in timm.list_models(pattern or "*", module=module)})
+    return list_models_of(models.FAMILY_MODULES, pattern)
+
+
+def list_models_of(modules: tuple[str, ...], pattern: str = "") -> list[str]:
+    """The architectures registered by ``modules`` (e.g. ``models.SEGMENTOR_MODULES``)."""
+    return sorted({name for module in modules for name in timm.list_models(pattern or "*", module=module)})
 
 
 def list_pretrained(pattern: str = "") -> list[str]:
@@ -39,7 +44,8 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         if not isinstance(architecture, str) or architecture not in list_models():
             known = ", ".join(list_models())
             raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
-        check_config_json(config, f"{name} {hub.CONFIG_NAME}")
+        segmentor = architecture in list_models_of(models.SEGMENTOR_MODULES)
+        check_config_json(config, f"{name} {hub.CONFIG_NAME}", segmentor=segmentor)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():

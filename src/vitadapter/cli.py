@@ -380,9 +380,7 @@ def _segment(args: argparse.Namespace) -> int:
     out = Path(args.out or _SEGMENT_FOLDER)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: names the folder for the label maps and overlays, and it is a file")
-    _check_model_name(args.model, "--model", kind="segmentor")
-    if args.weights is not None:
-        _check_weights_file(args.weights, "--weights")
+    _check_segmentor_options(args)
     folder = args.image is not None and Path(args.image).is_dir()
     if folder:
         listed = {path for _, path in images}
@@ -428,9 +426,7 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _eval_seg(args: argparse.Namespace) -> int:
-    _check_model_name(args.model, "--model", kind="segmentor")
-    if args.weights is not None:
-        _check_weights_file(args.weights, "--weights")
+    _check_segmentor_options(args)
     root = Path(args.data)
     if not root.is_dir():
         raise UsageError(f"no folder at {args.data!r}: expected a dataset folder with images/ and annotations/")
@@ -470,15 +466,39 @@ def _eval_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_segmentor_options(args: argparse.Namespace) -> None:
+    """``--model`` and ``--weights`` of segment and eval-seg, checked before torch loads. A folder of
+    weights (``save_pretrained``, ``vitadapter convert``) brings its own model: ``--model`` becomes
+    ``local-dir:FOLDER``."""
+    if args.weights is not None and Path(args.weights).is_dir():
+        folder = Path(args.weights)
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"--weights {folder}: a folder of weights holds config.json and model.safetensors "
+                             "(written by vitadapter.save_pretrained or vitadapter convert); this one has no config.json")
+        if args.model is not None:
+            raise UsageError(f"--weights {folder} holds its own model (config.json): leave out --model {args.model}")
+        args.model = f"local-dir:{folder}"
+        return
+    args.model = args.model or _DEFAULT_SEGMENTOR
+    _check_model_name(args.model, "--model", kind="segmentor")
+    if args.weights is not None:
+        _check_weights_file(args.weights, "--weights")
+
+
 def _segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back: bool) -> tuple["torch.nn.Module", Optional[str]]:
-    """The segmentor on ``device`` in eval mode and where its weights came from: ``--weights FILE``
-    (built for the file's class count), else the name's weights; with ``fall_back``, weights that
-    cannot be had are reported in one line and the model runs on random weights (None)."""
+    """The segmentor on ``device`` in eval mode and where its weights came from: ``--weights FOLDER``
+    (the folder's model), ``--weights FILE`` (built for the file's class count), else the name's
+    weights; with ``fall_back``, weights that cannot be had are reported in one line and the model
+    runs on random weights (None)."""
     import torch
 
     from . import create_model
 
-    if args.weights is not None:
+    if args.weights is not None and Path(args.weights).is_dir():
+        model = create_model(args.model, pretrained=True)
+        _check_segmentor(model, args.model)
+        weights: Optional[str] = args.weights
+    elif args.weights is not None:
         from .converters.mmseg import checkpoint_num_classes, load_segmentor_checkpoint
         from .hub import read_weights
 
@@ -487,7 +507,7 @@ def _segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back
         model = create_model(args.model, **({} if classes is None else {"num_classes": classes}))
         _check_segmentor(model, args.model)
         load_segmentor_checkpoint(model, checkpoint)
-        weights: Optional[str] = args.weights
+        weights = args.weights
     else:
         try:
             model, weights = _pretrained_model(args.model)
@@ -552,13 +572,18 @@ def _convert(args: argparse.Namespace) -> int:
     _check_weights_file(args.src, "convert")
     if args.arch:
         _check_model_name(args.arch, "--arch")
+    elif args.model_kwargs is not None:
+        raise UsageError("--model-kwargs goes with --arch: an --upstream-config file holds the whole configuration")
+    model_kwargs = _json_object(args.model_kwargs, "--model-kwargs")
     dst = Path(args.dst)
     if dst.exists():
         raise _exists(dst)
+    if args.arch and _is_segmentor(args.arch):
+        return _convert_segmentor(args.src, args.arch, model_kwargs, dst)
     from .hub import read_weights
     from .upstream import load_checkpoint
 
-    model, pretrained_cfg = _model_to_convert(args)
+    model, pretrained_cfg = _model_to_convert(args, model_kwargs)
     # One line per step on stderr: readable in a terminal and in a log file alike.
     _step(1, f"reading {args.src}")
     checkpoint = read_weights(args.src)
@@ -568,6 +593,31 @@ def _convert(args: argparse.Namespace) -> int:
     _save_new_folder(model, dst, pretrained_cfg)
     _print_summary(model, conversion, dst)
     return 0
+
+
+def _convert_segmentor(src: str, arch: str, model_kwargs: dict[str, Any], dst: Path) -> int:
+    """A whole segmentation checkpoint (backbone.*, decode_head.*, auxiliary_head.*) into the folder of
+    registered segmentor ``arch``, built for the checkpoint's class count and loaded strictly."""
+    from . import create_model
+    from .converters.mmseg import checkpoint_num_classes, load_segmentor_checkpoint
+    from .hub import read_weights
+    from .upstream import Conversion
+
+    _step(1, f"reading {src}")
+    checkpoint = read_weights(src)
+    classes = checkpoint_num_classes(checkpoint)
+    model = create_model(arch, **dict({} if classes is None else {"num_classes": classes}, **model_kwargs))
+    _step(2, "converting keys")
+    dropped = load_segmentor_checkpoint(model, checkpoint)
+    _step(3, f"writing {dst}")
+    _save_new_folder(model, dst, None)
+    _print_summary(model, Conversion(model.state_dict(), dropped, []), dst)
+    return 0
+
+
+def _is_segmentor(name: str) -> bool:
+    """Whether a registered ``name`` (or ``name.tag``) gives class logits (from the catalog, without torch)."""
+    return "num_classes" in catalog.load()["architectures"][name.partition(".")[0]]
 
 
 def _check_model_name(name: str, option: str, kind: Optional[str] = None) -> None:
@@ -582,7 +632,7 @@ def _check_model_name(name: str, option: str, kind: Optional[str] = None) -> Non
     if tag and name not in entries["weights"]:
         tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
         raise UsageError(f"{option} {name}: {arch} has no tag {tag!r}; it has: {tags or 'none'}")
-    segmentor = "num_classes" in entries["architectures"][arch]
+    segmentor = _is_segmentor(name)
     if kind == "backbone" and segmentor:
         raise UsageError(f"{option} {name} is a segmentor (it gives class labels, not a feature pyramid): "
                          f"`vitadapter segment --model {name}` runs it; features takes a backbone such as {_DEFAULT_BACKBONE}")
@@ -613,14 +663,16 @@ def _step(n: int, what: str) -> None:
     print(f"convert [{n}/3] {what}", file=sys.stderr, flush=True)
 
 
-def _model_to_convert(args: argparse.Namespace) -> tuple["torch.nn.Module", Optional[dict[str, Any]]]:
-    """The model the checkpoint is converted for, and pretrained_cfg entries for its config.json."""
+def _model_to_convert(
+    args: argparse.Namespace, arch_kwargs: dict[str, Any]
+) -> tuple["torch.nn.Module", Optional[dict[str, Any]]]:
+    """The backbone the checkpoint is converted for, and pretrained_cfg entries for its config.json."""
     from . import create_model, load_upstream
     from .config_checks import check_pretrained_cfg, input_channels
     from .upstream import model_kwargs
 
     if args.arch:
-        return create_model(args.arch, pretrained=False), None
+        return create_model(args.arch, pretrained=False, **arch_kwargs), None
     path = Path(args.upstream_config)
     try:
         spec = json.loads(path.read_text())
@@ -832,12 +884,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="upstream checkpoint (.pth, .pth.tar or release .zip)")
     p.add_argument("dst", help="folder to create; load it with create_model('local-dir:DST', pretrained=True)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--arch", help="registered architecture (or arch.tag) the checkpoint belongs to")
+    which.add_argument("--arch", help="registered architecture (or arch.tag) the checkpoint belongs to: a backbone "
+                                      "(task heads dropped) or a segmentor (upernet_*, mask2former_*: the whole model)")
     which.add_argument(
         "--upstream-config",
         metavar="FILE",
         help='JSON {"codebase": "segmentation"|"detection", "backbone": {upstream model.backbone}}',
     )
+    p.add_argument("--model-kwargs", metavar="JSON",
+                   help='with --arch: other create_model arguments, e.g. \'{"head_channels": 256}\' (a segmentor\'s '
+                        'class count comes from the checkpoint)')
     p.set_defaults(run=_convert)
 
     p = _subcommand(sub, "train-seg", "fine-tune a segmentor on a folder of images and label PNGs (upstream's recipe)")
@@ -883,9 +939,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_segmentor_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_DEFAULT_SEGMENTOR,
-                   help="segmentor name or name.tag; its weights load (downloading once) unless --weights (default: %(default)s)")
-    p.add_argument("--weights", metavar="FILE", help="whole segmentor checkpoint (upstream .pth/.pth.tar/.zip or .safetensors)")
+    p.add_argument("--model",
+                   help=f"segmentor name or name.tag; its weights load (downloading once) unless --weights (default: {_DEFAULT_SEGMENTOR})")
+    p.add_argument("--weights", metavar="FILE|FOLDER",
+                   help="whole segmentor checkpoint (upstream .pth/.pth.tar/.zip or .safetensors), or a folder of "
+                        "config.json + model.safetensors (save_pretrained, convert), which brings its own model")
     p.add_argument("--size", type=_size, metavar="N|original",
                    help="test scale: short side <= N and long side <= 4N (default: the model's own test scale, e.g. 512 and 2048)")
     p.add_argument("--aug", action="store_true", help="multi-scale (0.5 to 1.75) and flip testing, upstream's 'MS' (12 passes)")

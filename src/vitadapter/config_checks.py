@@ -50,6 +50,15 @@ _BOOLS = (
     "freeze_trunk", "pretrained_trunk",
 )
 _CHOICES = {"vit_feature_source": ("interactions", "final")}
+# a registered segmentor's own arguments, beside its backbone's (its heads' sizes)
+MAX_CLASSES = 65536
+_HEAD_INTS = {
+    "num_classes": (1, MAX_CLASSES),
+    "num_queries": (1, 4096),
+    "head_channels": (1, MAX_WIDTH),
+    "aux_channels": (1, MAX_WIDTH),
+}
+_HEAD_BOOLS = ("auxiliary_head",)
 
 
 def check_fields(values: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -155,14 +164,45 @@ def check_pretrained_cfg(cfg: Any, source: str, channels: int = 3, prefix: str =
         _fail(source, prefix + "input_size", f"must be [channels, height, width], got {size!r}")
 
 
-def check_config_json(config: Mapping[str, Any], source: str) -> None:
+def check_config_json(config: Mapping[str, Any], source: str, segmentor: bool = False) -> None:
     """A vitadapter ``config.json``'s ``model_args`` and ``pretrained_cfg``. Its weights come from its
-    folder: a ``pretrained_trunk`` that would download others is refused."""
+    folder: a ``pretrained_trunk`` that would download others is refused. A ``segmentor``'s
+    ``model_args`` also hold its heads' arguments (``num_classes`` required), and its
+    ``label_names``, when given, one name per class."""
     model_args = config.get("model_args", {})
+    if segmentor and isinstance(model_args, Mapping):
+        model_args = dict(model_args)
+        heads = {k: model_args.pop(k) for k in [*_HEAD_INTS, *_HEAD_BOOLS] if k in model_args}
+        _check_head_args(heads, source)
+        _check_label_names(config.get("pretrained_cfg"), heads["num_classes"], source)
     check_model_args(model_args, source, prefix="model_args.")
     if model_args.get("pretrained_trunk"):
         _fail(source, "model_args.pretrained_trunk", "must be false: the weights come from the model's folder")
     check_pretrained_cfg(config.get("pretrained_cfg", {}), source, input_channels(model_args))
+
+
+def _check_head_args(heads: Mapping[str, Any], source: str) -> None:
+    if "num_classes" not in heads:
+        _fail(source, "model_args.num_classes", "is missing: a segmentor's config.json gives its class count")
+    for field, value in heads.items():
+        if field in _HEAD_BOOLS:
+            if not isinstance(value, bool):
+                _fail(source, "model_args." + field, f"must be true or false, got {value!r}")
+            continue
+        low, high = _HEAD_INTS[field]
+        # num_queries may be null: the architecture's own count
+        if not (value is None and field == "num_queries") and not (_is_int(value) and low <= value <= high):
+            _fail(source, "model_args." + field, f"must be an integer from {low} to {high}, got {value!r}")
+
+
+def _check_label_names(cfg: Any, num_classes: int, source: str) -> None:
+    names = cfg.get("label_names") if isinstance(cfg, Mapping) else None
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        _fail(source, "pretrained_cfg.label_names", f"must list the class names as strings, got {names!r}")
+    if len(names) != num_classes:
+        _fail(source, "pretrained_cfg.label_names", f"lists {len(names)} names for {num_classes} classes")
 
 
 def input_channels(model_args: Mapping[str, Any]) -> int:

@@ -3,7 +3,9 @@
 A vitadapter folder (local, or a Hub model repo) holds ``config.json`` in timm's layout
 (``architecture``, ``model_args`` with every constructor argument, ``pretrained_cfg``) and
 ``model.safetensors`` with vitadapter's own keys, so ``timm.create_model("hf-hub:...")`` reads it
-too. Registered tags point at a timm Hub repo (ImageNet trunk) or an upstream release URL; both
+too. A backbone's folder names its architecture (or the generic ``vit_adapter``); a segmentor's
+names its registered segmentor, with the backbone's arguments, ``num_classes`` and the heads' own
+(``head_channels``, ``num_queries``, ...) as ``model_args`` and its class names as ``label_names``. Registered tags point at a timm Hub repo (ImageNet trunk) or an upstream release URL; both
 are downloaded into a cache once and converted on load (conversion lives in ``upstream``).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 
+from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
 from .download import DownloadError, Limits, Transfer, download_limits, open_url
 from .staging import remove_stale, write_atomically
@@ -45,17 +48,22 @@ _PREPROCESSING_KEYS = (
 
 
 def save_pretrained(
-    model: ViTAdapter, folder: PathLike, pretrained_cfg: Optional[Mapping[str, Any]] = None
+    model: Union[ViTAdapter, Segmentor], folder: PathLike, pretrained_cfg: Optional[Mapping[str, Any]] = None
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``folder`` (created if needed).
 
+    ``model``: a backbone, or a segmentor built from the registry (``create_model("upernet_...")``,
+    trained or not; one assembled otherwise is refused, see ``segmentor_config``).
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
     under a staging name and renamed (``vitadapter.staging``), so an interrupted save leaves no
     half-written file, and both get the usual umask-respecting mode.
     """
-    if not isinstance(model, ViTAdapter):
-        raise TypeError(f"save_pretrained expects a vitadapter ViTAdapter, got {type(model).__name__}")
-    config = model_config(model, pretrained_cfg)
+    if isinstance(model, Segmentor):
+        config = segmentor_config(model, pretrained_cfg)
+    elif isinstance(model, ViTAdapter):
+        config = model_config(model, pretrained_cfg)
+    else:
+        raise TypeError(f"save_pretrained expects a vitadapter ViTAdapter or Segmentor, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous buffers only, and the model keeps its conv weights channels-last
@@ -76,19 +84,71 @@ def model_config(model: ViTAdapter, pretrained_cfg: Optional[Mapping[str, Any]] 
         architecture = closest_architecture(model.model_args)
         defaults = get_pretrained_cfg(architecture).to_dict()
         cfg = {k: defaults[k] for k in _PREPROCESSING_KEYS if k in defaults}
-    cfg.update(pretrained_cfg or {})
-    cfg = {k: v for k, v in cfg.items() if k not in _NOT_SAVED}
-    try:
-        PretrainedCfg(**cfg)
-    except TypeError as e:
-        raise ValueError(f"pretrained_cfg has a field timm's PretrainedCfg does not know: {e}") from e
     return {
         "architecture": architecture,
         "num_classes": 0,
         "num_features": model.num_features,
         "model_args": model.model_args,
-        "pretrained_cfg": cfg,
+        "pretrained_cfg": _saved_cfg(cfg, pretrained_cfg),
     }
+
+
+def segmentor_config(segmentor: Segmentor, pretrained_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The ``config.json`` content for a registered segmentor: its architecture, the arguments it was
+    built with (``segmentor.model_args``) and its class names.
+
+    A segmentor assembled outside the registry (``load_upstream_segmentor``, or ``Segmentor(...)``)
+    has no architecture to name, and one whose modules were replaced after it was built would not
+    come back from its arguments: both are refused (``ValueError``), naming what differs.
+    """
+    own = getattr(segmentor, "pretrained_cfg", None) or {}
+    architecture, model_args = own.get("architecture"), segmentor.model_args
+    if not architecture or model_args is None:
+        raise ValueError(
+            "save_pretrained writes segmentors built from the registry (create_model('upernet_...'), "
+            "create_model('mask2former_...')); this one was assembled otherwise (e.g. by load_upstream_segmentor), "
+            "so no registered architecture rebuilds it. Build the architecture it matches and load its checkpoint: "
+            "load_segmentor_checkpoint(create_model(NAME, num_classes=..., ...), checkpoint), "
+            "or `vitadapter convert CHECKPOINT DST --arch NAME`"
+        )
+    _check_rebuilds(segmentor, architecture, model_args)
+    cfg = dict(own, num_classes=segmentor.num_classes)
+    cfg.pop("label_descriptions", None)  # they describe the tag's classes, which may no longer be these
+    cfg["label_names"] = list(segmentor.class_names) if segmentor.class_names is not None else None
+    return {
+        "architecture": architecture,
+        "num_classes": segmentor.num_classes,
+        "model_args": model_args,
+        "pretrained_cfg": _saved_cfg(cfg, pretrained_cfg),
+    }
+
+
+def _check_rebuilds(segmentor: Segmentor, architecture: str, model_args: Mapping[str, Any]) -> None:
+    """Build ``architecture`` from ``model_args`` without memory (meta tensors) and compare its state
+    dict, key by key and shape by shape, with ``segmentor``'s."""
+    import timm
+
+    with torch.device("meta"):
+        rebuilt = timm.create_model(architecture, **model_args).state_dict()
+    own = segmentor.state_dict()
+    differ = sorted(set(own) ^ set(rebuilt)) or [k for k in own if own[k].shape != rebuilt[k].shape]
+    if differ:
+        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise ValueError(
+            f"this segmentor no longer matches {architecture} built with its model_args (its modules were "
+            f"changed after it was built): {shown} differ, so a saved folder would not load back"
+        )
+
+
+def _saved_cfg(cfg: dict[str, Any], overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``cfg`` with ``overrides``, less what config.json leaves out, checked against timm's fields."""
+    cfg = dict(cfg, **(overrides or {}))
+    cfg = {k: v for k, v in cfg.items() if k not in _NOT_SAVED}
+    try:
+        PretrainedCfg(**cfg)
+    except TypeError as e:
+        raise ValueError(f"pretrained_cfg has a field timm's PretrainedCfg does not know: {e}") from e
+    return cfg
 
 
 def read_config(name: str, cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None) -> dict[str, Any]:
@@ -161,7 +221,7 @@ def read_weights(path: PathLike) -> Any:
 
 
 def push_to_hub(
-    model_or_folder: Union[ViTAdapter, PathLike],
+    model_or_folder: Union[ViTAdapter, Segmentor, PathLike],
     repo_id: str,
     *,
     private: Optional[bool] = None,

@@ -69,15 +69,17 @@ def _create_mask2former(
     """Upstream's Mask2Former: a pixel decoder of 6 deformable-attention layers and a transformer
     decoder of 9 layers at the recipe's widths, GroupNorm of 32 groups."""
     num_queries = kwargs.pop("num_queries", None)
+    head_args: dict[str, Any] = {}  # the queries depend on the tag: known once the heads are built
 
     def heads(width: int, num_classes: int, cfg: Any) -> tuple[Mask2FormerHead, None]:
+        head_args["num_queries"] = num_queries or _QUERIES.get(cfg.tag, queries)
         head = Mask2FormerHead(
-            [width] * 4, num_classes=num_classes, num_queries=num_queries or _QUERIES.get(cfg.tag, queries),
+            [width] * 4, num_classes=num_classes, num_queries=head_args["num_queries"],
             encoder_layers=6, encoder_points=4, decoder_layers=9, num_groups=32, **recipe,
         )
         return head, None
 
-    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride)
+    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride, head_args)
 
 
 @register_model

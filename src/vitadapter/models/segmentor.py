@@ -23,6 +23,10 @@ class Segmentor(nn.Module):
 
     ``segmentor.loss(images, labels)`` gives the training losses of every head (auxiliary ones
     prefixed ``aux.``); the head weights them as configured.
+
+    ``model_args``: for a registered segmentor, the keyword arguments that rebuild it through its
+    architecture (the backbone's, ``num_classes`` and the heads'), what ``save_pretrained`` writes;
+    None for one assembled otherwise.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class Segmentor(nn.Module):
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
         self.class_names = tuple(class_names) if class_names is not None else None
+        self.model_args: Optional[dict[str, Any]] = None
 
     def set_inference(
         self, mode: str, crop_size: Optional[Sequence[int] | int] = None, stride: Optional[Sequence[int] | int] = None
@@ -130,13 +135,18 @@ def create_segmentor(
     heads: HeadsFactory,
     crop: int,
     stride: int,
+    head_args: dict[str, Any],
 ) -> Segmentor:
     """A registered segmentor: the ``backbone`` architecture, the heads ``heads`` makes, sliding-window
     inference over ``crop`` every ``stride`` (upstream's test settings).
 
     ``pretrained`` loads the tag's whole release (backbone and heads; with another ``num_classes``
-    the classifiers stay fresh). ``pretrained_backbone=True`` starts the backbone from its default
-    tag instead (the ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
+    the classifiers stay fresh). A ``save_pretrained`` folder (``local-dir:`` / ``hf-hub:``) loads
+    strictly: every key of the file and of the model must match, unless another ``num_classes`` is
+    asked for. ``pretrained_backbone=True`` starts the backbone from its default tag instead (the
+    ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
+    ``head_args``: the architecture's own arguments as the heads were built with them (read once
+    ``heads`` has run), recorded in ``model_args``.
     """
     cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
@@ -149,12 +159,18 @@ def create_segmentor(
         decode_head, auxiliary_head = heads(net.feature_info[0]["num_chs"], num_classes, cfg)
         names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
         segmentor = Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
+        # the backbone's own arguments (every one, so that its registered defaults may change) rebuild it
+        backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
+        segmentor.model_args = dict(backbone_args, num_classes=num_classes, **head_args)
         if pretrained:
             from ..converters.mmseg import load_segmentor_checkpoint  # converters import this module
             from ..hub import fetch_weights, read_weights
 
-            checkpoint = read_weights(fetch_weights(cfg.to_dict(), cache_dir, timeout))
-            load_segmentor_checkpoint(segmentor, checkpoint, keep_classifier=False)
+            path = fetch_weights(cfg.to_dict(), cache_dir, timeout)
+            saved = cfg.source in ("local-dir", "hf-hub") and num_classes == cfg.num_classes
+            dropped = load_segmentor_checkpoint(segmentor, read_weights(path), keep_classifier=saved)
+            if saved and dropped:
+                raise ValueError(f"{path} holds keys this {variant} does not have: {', '.join(dropped[:10])}")
         return segmentor
 
     return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)

@@ -65,7 +65,8 @@ def _create_upernet(
         decode_head = UPerHead([width] * 4, channels=channels, num_classes=num_classes)
         return decode_head, FCNHead(width, channels=aux_channels, num_classes=num_classes, in_index=2) if auxiliary else None
 
-    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride)
+    head_args = dict(head_channels=channels, aux_channels=aux_channels, auxiliary_head=auxiliary)
+    return create_segmentor(variant, backbone, pretrained, kwargs, heads, crop, stride, head_args)
 
 
 @register_model
