@@ -20,6 +20,7 @@ from local_server import LocalServer
 from vitadapter import catalog, create_model, list_models, list_pretrained
 from vitadapter.cli import main, torch_hub_dir
 from vitadapter.hub import fetch_weights
+from vitadapter._meta import meta_device
 from vitadapter.models import FAMILY_MODULES
 from vitadapter.visualize import pca_rgb, principal_directions, pyramid_picture
 
@@ -124,7 +125,7 @@ def test_describe_states_size_compute_preprocessing_and_weights(name, capsys):
     out = capsys.readouterr().out
     arch = name.split(".")[0]
     cfg = timm.models.get_pretrained_cfg(name)
-    with torch.device("meta"):
+    with meta_device():
         model = create_model(arch)
     total, vit = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.vit.parameters())
     assert f"{total:,} = {vit:,} ViT (model.vit) + {total - vit:,} adapter" in out
