@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import vitadapter
 from conftest import load_fixture, max_rel_err
+from vitadapter._meta import meta_device
 
 TINY = dict(embed_dim=48, depth=4, num_heads=3, deform_num_heads=3, conv_inplane=8)
 
@@ -127,12 +128,29 @@ UPSTREAM_ADAPTER = {"t": 2_438_192, "s": 5_830_160, "b": 13_680_608, "l": 23_236
 
 @pytest.mark.parametrize("size", ["t", "s", "b", "l"])
 def test_parameter_counts_match_upstream(size):
-    with torch.device("meta"):
+    with meta_device():
         model = vitadapter.create_model(f"vit_adapter_{size}")
     total = sum(p.numel() for p in model.parameters())
     adapter = total - sum(p.numel() for p in model.vit.parameters())
     assert adapter == UPSTREAM_ADAPTER[size]
     assert abs(total - UPSTREAM_PARAMS[size]) / UPSTREAM_PARAMS[size] < 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_adapter_l_det", "beitv2_adapter_l_896", "vit_adapter_dinov3_s", "mask2former_beit_adapter_b_512"])
+def test_meta_device_builds_what_torch_device_meta_builds(name):
+    """meta_device() (the tests' and the catalog's fast meta builds) skips only value writes: same
+    parameters, buffers, dtypes and model_args as torch.device("meta"); tensors elsewhere are written."""
+    with torch.device("meta"):
+        plain = vitadapter.create_model(name)
+    with meta_device():
+        fast = vitadapter.create_model(name)
+        cpu = torch.zeros(3, device="cpu").add_(1).mul_(2)
+    layout = lambda m: [(k, v.shape, v.dtype, v.device.type) for k, v in m.state_dict().items()]  # noqa: E731
+    assert layout(fast) == layout(plain) and len(layout(plain)) > 100
+    assert [p.requires_grad for p in fast.parameters()] == [p.requires_grad for p in plain.parameters()]
+    backbone = getattr(fast, "backbone", fast)
+    assert backbone.model_args == getattr(plain, "backbone", plain).model_args
+    assert cpu.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_timm_create_model_and_features_only():

@@ -10,6 +10,7 @@ from conftest import load_fixture, max_rel_err
 from torch import nn
 
 import vitadapter
+from vitadapter._meta import meta_device
 from vitadapter.converters.mmseg import load_segmentor_checkpoint, load_upstream_segmentor
 from vitadapter.data import ade20k, cityscapes, coco_stuff
 from vitadapter.heads import FCNHead, Mask2FormerHead, UPerHead
@@ -249,7 +250,7 @@ def test_zoo_names_release_files_and_builds_upstreams_recipe():
         assert tuple(cfg.label_names) == datasets[cfg.num_classes]
         short, long = cfg.test_input_size[1:]
         assert short <= long and short >= cfg.input_size[1]
-        with torch.device("meta"):
+        with meta_device():
             model = vitadapter.create_model(tag)
         assert isinstance(model, Segmentor) and model.class_names == datasets[cfg.num_classes]
         assert model.mode == "slide" and model.crop_size == tuple(cfg.input_size[1:])
@@ -318,7 +319,7 @@ def test_predict_runs_a_mask2former_segmentor_at_its_releases_test_scale():
     image = Image.fromarray(torch.randint(0, 256, (75, 93, 3), dtype=torch.uint8).numpy())
     labels = predict(segmentor, image, scale=64)
     assert labels.shape == (75, 93) and labels.min() >= 0 and labels.max() < 4
-    with torch.device("meta"):
+    with meta_device():
         cityscapes_model = vitadapter.create_model("mask2former_beit_adapter_l_896.cityscapes")
         ade_model = vitadapter.create_model("upernet_beit_adapter_l")
     assert default_scale(cityscapes_model) == (1024, 2048) and default_scale(ade_model) == (640, 2048)

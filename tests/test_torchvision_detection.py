@@ -13,6 +13,11 @@ from vitadapter.integrations.torchvision import vit_adapter_fpn  # noqa: E402
 TINY = dict(embed_dim=24, depth=4, num_heads=3, deform_num_heads=3, conv_inplane=8)
 # small images: the detector's transform resizes every image so its short side is min_size
 SMALL = dict(min_size=96, max_size=160)
+# fewer proposals and sampled boxes in training: torchvision's defaults (2000 proposals, 512 boxes
+# per image through a 1024-wide box head and the 256-channel mask head) took 2 s a step, the tiny
+# backbone 0.1 s of it; every head and loss still trains
+FEW_BOXES = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_batch_size_per_image=64,
+                 box_batch_size_per_image=64)
 
 
 def synthetic_targets(images):
@@ -31,7 +36,7 @@ def synthetic_targets(images):
 def test_mask_rcnn_trains_on_odd_sizes_with_the_fpn_backbone():
     backbone = vit_adapter_fpn("vit_adapter_t", out_channels=32, **TINY)
     assert backbone.out_channels == 32
-    model = MaskRCNN(backbone, num_classes=3, **SMALL).train()
+    model = MaskRCNN(backbone, num_classes=3, **SMALL, **FEW_BOXES).train()
     images = [torch.rand(3, 101, 157), torch.rand(3, 133, 90)]
     targets = synthetic_targets(images)
     before = {n: p.detach().clone() for n, p in backbone.body.named_parameters()}

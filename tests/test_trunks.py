@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import vitadapter
 from conftest import backbone_archs, load_fixture, max_rel_err
+from vitadapter._meta import meta_device
 
 DINO = Path(__file__).parent / "fixtures" / "dino_adapters"
 
@@ -173,7 +174,7 @@ def test_every_registered_architecture_by_name_features_only():
     for name in backbone_archs():
         if name == "vit_adapter":
             continue
-        with torch.device("meta"):
+        with meta_device():
             full = timm.create_model(name, features_only=True)
         assert full.feature_info.reduction() == [4, 8, 16, 32], name
 
@@ -183,7 +184,7 @@ def test_registered_foundation_archs_run_shrunk(name):
     small = dict(embed_dim=64, depth=4, num_heads=4)
     defaults = timm.models.get_arch_pretrained_cfgs(name)  # the arch is known to timm
     assert defaults
-    with torch.device("meta"):
+    with meta_device():
         args = vitadapter.create_model(name).model_args
     trunk_kwargs = dict(args["trunk_kwargs"], **small)
     window = None if args["window_size"] is None else [7] * 3 + [14]

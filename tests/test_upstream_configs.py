@@ -8,6 +8,7 @@ import torch
 
 import vitadapter
 from conftest import load_fixture, max_rel_err
+from vitadapter._meta import meta_device
 from upstream_reference import upstream_forward
 
 
@@ -91,7 +92,7 @@ PASTED = {
 @pytest.mark.parametrize("codebase", sorted(PASTED))
 def test_a_config_pasted_from_an_upstream_file_builds_the_registered_flavour(codebase):
     arch, cfg = PASTED[codebase]
-    with torch.device("meta"):
+    with meta_device():
         model = vitadapter.load_upstream(cfg, codebase)
         registered = vitadapter.create_model(arch)
     assert model.grad_checkpointing == bool(cfg.get("with_cp"))

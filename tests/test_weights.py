@@ -1,5 +1,6 @@
 """Pretrained weights: registered tags, local files, Hub folders, upstream releases, conversion, bad
 input and unpickling safety. Every download is served by tests/local_server.py on 127.0.0.1."""
+import functools
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import vitadapter
 from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_rel_err
 from local_server import LocalServer
 from vitadapter import hub
+from vitadapter._meta import meta_device
 from vitadapter.cli import main
 from vitadapter.models.vit_adapter import closest_architecture
 from vitadapter.upstream import InertGlobal, read_checkpoint, upstream_kwargs
@@ -63,6 +65,13 @@ def tiny_timm_deit(path: Path) -> dict:
 # ---- the registry ---------------------------------------------------------------------------------
 
 
+@functools.cache
+def model_args_of(name: str) -> dict:
+    """``create_model(name).model_args`` of a registered name, built once on the meta device."""
+    with meta_device():
+        return vitadapter.create_model(name).model_args
+
+
 def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
     for arch in backbone_archs():
         if arch == "vit_adapter":  # any trunk: its weights are the trunk's own timm tag
@@ -81,8 +90,7 @@ def test_foundation_trunk_tags_are_the_trunks_own_timm_tags():
         if not cfg.hf_hub_id:
             continue
         assert cfg.hf_hub_id.removeprefix("timm/") in timm.list_pretrained(), name
-        with torch.device("meta"):
-            trunk = vitadapter.create_model(name).model_args["trunk"]
+        trunk = model_args_of(name)["trunk"]
         if trunk is not None:
             assert cfg.hf_hub_id == f"timm/{trunk}.{cfg.tag}", name
 
@@ -98,8 +106,7 @@ def test_trunk_tags_name_repos_in_timms_registry():
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg.tag not in timm_names:
             continue
-        with torch.device("meta"):
-            pretrain_size = vitadapter.create_model(name).model_args["pretrain_size"]
+        pretrain_size = model_args_of(name)["pretrain_size"]
         size = sizes[cfg.architecture.split("_")[2]]
         timm_name = timm_names[cfg.tag].format(size, pretrain_size)
         assert timm_name in timm.list_pretrained()
@@ -115,16 +122,13 @@ def test_upstream_tags_are_release_files_with_the_right_flavour():
         assert cfg.url.startswith("https://github.com" + RELEASES + "/")
         assert cfg.url.endswith((".pth", ".pth.tar", ".zip"))
         detection = cfg.notes[0].startswith("upstream config detection/")
-        with torch.device("meta"):
-            args = vitadapter.create_model(name).model_args
+        args = model_args_of(name)
         assert (args["vit_feature_source"] == "final") == detection == cfg.architecture.endswith("_det")
         assert (args["window_size"] is not None) == detection
 
 
 def test_detection_flavour_matches_upstream_configs():
-    with torch.device("meta"):
-        small = vitadapter.create_model("vit_adapter_s_det").model_args
-        large = vitadapter.create_model("vit_adapter_l_det").model_args
+    small, large = model_args_of("vit_adapter_s_det"), model_args_of("vit_adapter_l_det")
     assert small["window_size"] == [14, 14, None] * 4
     assert large["window_size"] == ([14] * 5 + [None]) * 4
     assert large["pretrain_size"] == 384 and large["interaction_indexes"] == [[0, 5], [6, 11], [12, 17], [18, 23]]
@@ -195,7 +199,7 @@ def test_save_pretrained_rebuilds_a_load_upstream_configuration(tmp_path):
 
 
 def test_config_json_names_the_registered_architecture_only_on_an_exact_match():
-    with torch.device("meta"):
+    with meta_device():
         det = vitadapter.create_model("vit_adapter_t_det", drop_path_rate=0.3).model_args
         wider = vitadapter.create_model("vit_adapter_s", cffn_ratio=0.5).model_args
     assert closest_architecture(det) == "vit_adapter_t_det"  # a training-only rate does not change the function

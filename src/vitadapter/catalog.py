@@ -31,15 +31,15 @@ def architecture(arch: str, flops: bool = True) -> dict[str, Any]:
     """One architecture's entry: its default tag and input size, parameters and levels from the model
     built on the meta device (no memory, no weights), and its FLOPs at the default input size, batch
     1. An architecture that needs arguments to be built (``vit_adapter``: a trunk) says which."""
-    import torch
     from timm.models import get_pretrained_cfg
 
     from . import create_model
+    from ._meta import meta_device
 
     default = get_pretrained_cfg(arch)
     entry: dict[str, Any] = {"default_tag": default.tag or None, "input_size": list(default.input_size)}
     try:
-        with torch.device("meta"):
+        with meta_device():
             model = create_model(arch).eval()
     except ValueError as e:
         return dict(entry, requires=str(e))

@@ -4,6 +4,7 @@ Model class first, then its default cfgs and the ``@register_model`` entrypoints
 """
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
@@ -729,11 +730,20 @@ def closest_architecture(model_args: Mapping[str, Any]) -> str:
         for arch in list_models(module=__name__.rsplit(".", 1)[-1]):
             if arch == "vit_adapter":
                 continue
-            with torch.device("meta"):
-                registered = globals()[arch]().model_args
-            if wanted == {k: v for k, v in registered.items() if k not in _TRAINING_ONLY}:
+            if wanted == _registered_args(arch):
                 return arch
     return "vit_adapter"
+
+
+@functools.lru_cache(maxsize=None)
+def _registered_args(arch: str) -> dict[str, Any]:
+    """A registered architecture's model_args, training-only rates aside: built once on the meta
+    device (every save_pretrained asks; building them all each time took seconds)."""
+    from .._meta import meta_device
+
+    with meta_device():
+        registered = globals()[arch]().model_args
+    return {k: v for k, v in registered.items() if k not in _TRAINING_ONLY}
 
 
 def _detection(depth: int) -> dict[str, Any]:
