@@ -158,9 +158,7 @@ def _pixel_decoder(cfg: Any, dim: int, num_levels: int) -> dict[str, Any]:
     layer = enc.section("transformerlayers")
     layer.require("type", "BaseTransformerLayer")
     layer.require("operation_order", (("self_attn", "norm", "ffn", "norm"), ["self_attn", "norm", "ffn", "norm"]))
-    norm = layer.section("norm_cfg", {"type": "LN"})
-    norm.require("type", "LN")
-    norm.finish()
+    _layer_norm(layer, "norm_cfg")
     attn = _one_attention(layer.get("attn_cfgs"), 1, f"{layer.where}.attn_cfgs")
     attn.require("type", "MultiScaleDeformableAttention")
     attn.require("embed_dims", dim)
@@ -181,23 +179,26 @@ def _pixel_decoder(cfg: Any, dim: int, num_levels: int) -> dict[str, Any]:
                 encoder_ffn_channels=ffn)
 
 
+def _layer_norm(parent: _Section, key: str) -> None:
+    """A norm setting that must be LayerNorm (mmcv's default where the config is silent)."""
+    norm = parent.section(key, {"type": "LN"})
+    norm.require("type", "LN")
+    norm.finish()
+
+
 def _transformer_decoder(cfg: Any, dim: int) -> dict[str, Any]:
     td = _Section(cfg, "transformer_decoder")
     td.require("type", "DetrTransformerDecoder")
     layers = _positive_int(td.get("num_layers"), f"{td.where}.num_layers")
     td.ignore("return_intermediate", "init_cfg")  # the head calls the layers itself
-    post = td.section("post_norm_cfg", {"type": "LN"})
-    post.require("type", "LN")
-    post.finish()
+    _layer_norm(td, "post_norm_cfg")
     layer = td.section("transformerlayers")
     layer.require("type", "DetrTransformerDecoderLayer")
     layer.require("operation_order", (
         ("cross_attn", "norm", "self_attn", "norm", "ffn", "norm"),
         ["cross_attn", "norm", "self_attn", "norm", "ffn", "norm"],
     ))
-    norm = layer.section("norm_cfg", {"type": "LN"})
-    norm.require("type", "LN")
-    norm.finish()
+    _layer_norm(layer, "norm_cfg")
     attn = _one_attention(layer.get("attn_cfgs"), 2, f"{layer.where}.attn_cfgs")
     attn.require("type", "MultiheadAttention")
     attn.require("embed_dims", dim)

@@ -11,13 +11,10 @@ from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
 
-from ..data import cityscapes
 from ..heads import Mask2FormerHead
-from .segmentor import Segmentor, create_segmentor
-from .upernet import COCO_STUFF, release
+from .segmentor import CITYSCAPES, COCO_STUFF, Segmentor, create_segmentor, release
 from .vit_adapter import _upstream
 
-_CITYSCAPES = dict(num_classes=19, label_names=cityscapes.CLASSES)
 _SEG = "segmentation/configs/{}.py"
 
 default_cfgs = generate_default_cfgs({
@@ -33,7 +30,7 @@ default_cfgs = generate_default_cfgs({
         "v0.2.3/mask2former_beit_adapter_large_896_80k_cityscapes.zip",
         _SEG.format("cityscapes/mask2former_beit_adapter_large_896_80k_cityscapes_ss"),
         "Cityscapes val mIoU 84.9 (SS) / 85.8 (MS), Mask2Former 80k from Mapillary",
-        input_size=(3, 896, 896), test_input_size=(3, 1024, 2048), **_CITYSCAPES,
+        input_size=(3, 896, 896), test_input_size=(3, 1024, 2048), **CITYSCAPES,
     ),
     "mask2former_beit_adapter_l_512.cocostuff10k": release(
         "beit_adapter_l_512.mask2former_cocostuff10k", (512, 2048), **COCO_STUFF

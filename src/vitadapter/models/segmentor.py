@@ -8,8 +8,10 @@ from typing import Any, Callable, Optional
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
+
+from ..data import ade20k, cityscapes, coco_stuff
 
 
 class Segmentor(nn.Module):
@@ -18,7 +20,7 @@ class Segmentor(nn.Module):
     ``segmentor(image)`` returns logits (B, num_classes, H, W) at the image size. ``mode`` is how:
     "whole" runs the image at once; "slide" runs ``crop_size`` windows every ``stride`` pixels and
     averages the overlaps, as upstream evaluates (crop 512 stride 341 for its 512 models, 640/426 and
-    896/596 for BEiT-L). Both resize the head's logits bilinearly (``align_corners=False``). Windows
+    896/512 for BEiT-L). Both resize the head's logits bilinearly (``align_corners=False``). Windows
     are cut from the image as given: an image smaller than a crop is one window.
 
     ``segmentor.loss(images, labels)`` gives the training losses of every head (auxiliary ones
@@ -45,12 +47,15 @@ class Segmentor(nn.Module):
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
         self.align_corners = align_corners
-        self.num_classes = decode_head.num_classes
         self.set_inference(mode, crop_size, stride)
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
         self.class_names = tuple(class_names) if class_names is not None else None
         self.model_args: Optional[dict[str, Any]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.num_classes
 
     def set_inference(
         self, mode: str, crop_size: Optional[Sequence[int] | int] = None, stride: Optional[Sequence[int] | int] = None
@@ -121,6 +126,24 @@ class Segmentor(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+
+# ---- registered segmentors: the datasets of upstream's releases and their pretrained cfgs ----------
+
+# classes of the datasets upstream released models for (tags set num_classes and label_names)
+ADE20K = dict(num_classes=150, label_names=ade20k.CLASSES)
+COCO_STUFF = dict(num_classes=171, label_names=coco_stuff.CLASSES)
+CITYSCAPES = dict(num_classes=19, label_names=cityscapes.CLASSES)
+
+
+def release(backbone_tag: str, test_size: tuple[int, int], **kwargs: Any) -> dict[str, Any]:
+    """The whole model of the release file a backbone tag already points at (one file, one entry),
+    ADE20K's classes unless ``kwargs`` say otherwise. ``test_size`` (short, long): upstream's test
+    scale, images are resized to fit it keeping their ratio."""
+    cfg = get_pretrained_cfg(backbone_tag).to_dict()
+    keep = ("url", "origin_url", "notes", "mean", "std", "input_size", "license")
+    entry = dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **ADE20K, test_input_size=(3, *test_size))
+    return dict(entry, **kwargs)
 
 
 # (backbone width, number of classes, the resolved pretrained cfg) -> (decode head, auxiliary head or None)

@@ -12,25 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ..data import ade20k, coco_stuff
 from ..heads import FCNHead, UPerHead
-from .segmentor import Segmentor, create_segmentor
+from .segmentor import COCO_STUFF, Segmentor, create_segmentor, release
 from .vit_adapter import _upstream
-
-_ADE20K = dict(num_classes=150, label_names=ade20k.CLASSES)
-COCO_STUFF = dict(num_classes=171, label_names=coco_stuff.CLASSES)
-
-
-def release(backbone_tag: str, test_size: tuple[int, int], **kwargs: Any) -> dict[str, Any]:
-    """The whole model of the release file a backbone tag already points at (one file, one entry),
-    ADE20K's classes unless ``kwargs`` say otherwise. ``test_size`` (short, long): upstream's test
-    scale, images are resized to fit it keeping their ratio."""
-    cfg = get_pretrained_cfg(backbone_tag).to_dict()
-    keep = ("url", "origin_url", "notes", "mean", "std", "input_size", "license")
-    entry = dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **_ADE20K, test_input_size=(3, *test_size))
-    return dict(entry, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
