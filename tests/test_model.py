@@ -206,3 +206,55 @@ def test_bfloat16_autocast_and_bfloat16_weights_stay_close_to_float32():
         for out, r in zip(outs, ref):
             assert max_rel_err(out.float(), r) < 3e-2
     assert all(o.dtype == torch.bfloat16 for o in low)
+
+
+def test_spatial_prior_folds_batchnorm_into_its_convs_outside_training_only():
+    """Eval runs each conv + BatchNorm pair as one folded conv: the same maps up to float rounding;
+    training runs the modules themselves (batch statistics, running averages updated)."""
+    from vitadapter.layers import SpatialPriorModule
+
+    torch.manual_seed(0)
+    spm = SpatialPriorModule(dim=24, inplanes=8)
+    for m in spm.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    image = torch.randn(2, 3, 64, 96)
+
+    def unfolded(x):
+        c1 = spm.stem(x)
+        c2 = spm.conv2(c1)
+        c3 = spm.conv3(c2)
+        c4 = spm.conv4(c3)
+        return [spm.fc1(c1), spm.fc2(c2), spm.fc3(c3), spm.fc4(c4)]
+
+    spm.eval()
+    with torch.no_grad():
+        for got, want in zip(spm(image), unfolded(image)):
+            assert max_rel_err(got, want) < 1e-5
+    spm.train()
+    before = spm.stem[1].running_mean.clone()
+    got = spm(image)
+    assert not torch.equal(before, spm.stem[1].running_mean)
+    with torch.no_grad():
+        for g, want in zip(got, unfolded(image)):
+            assert torch.equal(g.detach(), want)
+
+
+def test_extractor_residual_stays_in_the_pyramid_dtype_under_autocast():
+    """The residual sums are taken in place only where the branch has the pyramid's dtype: under
+    autocast the bfloat16 branch output is added to the float32 pyramid, not the other way round."""
+    model = tiny().eval()
+    block = model.interactions[0]
+    c = torch.randn(1, 16 + 4 + 1, 48)
+    x = torch.randn(1, 4, 48)
+    grids = [(4, 4), (2, 2), (1, 1)]
+    points = torch.rand(c.shape[1], 2)
+    with torch.no_grad():
+        plain = block.extract(c, x, points, (2, 2), grids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = block.extract(c, x, points, (2, 2), grids)
+    assert plain.dtype == mixed.dtype == torch.float32
+    assert max_rel_err(mixed, plain) < 3e-2

@@ -82,6 +82,16 @@ def test_border_centres_and_far_outside_points():
     assert torch.count_nonzero(got[2][0, 3:5, 0, :, 0]) == 0
 
 
+@pytest.mark.parametrize("batch,queries", [(0, 5), (2, 0)])
+def test_reference_with_no_batch_or_no_queries_gives_empty_outputs_and_gradients(batch, queries):
+    (value, loc, attn), spatial, starts = make_inputs([(4, 5), (2, 3)], batch=batch, queries=queries, device="cpu")
+    grad = torch.randn(batch, queries, 2 * 8)
+    out, grad_value, grad_loc, grad_attn = op_with_grads(value, spatial, starts, loc, attn, grad, "reference")
+    assert out.shape == (batch, queries, 16)
+    assert grad_value.shape == value.shape and grad_loc.shape == loc.shape and grad_attn.shape == attn.shape
+    assert not grad_value.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_forward_matches_float32(dtype):
     shapes = [(5, 6), (3, 3)]

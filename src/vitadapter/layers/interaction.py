@@ -91,10 +91,19 @@ class Extractor(nn.Module):
         vit_grid: tuple[int, int],
         c_grids: Shapes,
     ) -> torch.Tensor:
-        c = c + self.attn(self.query_norm(c), reference_points, self.feat_norm(x), [vit_grid])
+        c = _add_residual(c, self.attn(self.query_norm(c), reference_points, self.feat_norm(x), [vit_grid]))
         if self.ffn is not None:
-            c = c + self.drop_path(self.ffn(self.ffn_norm(c), c_grids))
+            c = _add_residual(c, self.drop_path(self.ffn(self.ffn_norm(c), c_grids)))
         return c
+
+
+def _add_residual(c: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``c + branch``, summed into ``branch`` (a fresh output that autograd does not keep) where the
+    dtypes agree: one pyramid-sized buffer less to allocate and fill per sum. Under autocast the
+    branch comes back in lower precision and the sum is taken out of place, in ``c``'s dtype."""
+    if branch.dtype == c.dtype and branch.shape == c.shape:
+        return branch.add_(c)
+    return c + branch
 
 
 class InteractionBlock(nn.Module):

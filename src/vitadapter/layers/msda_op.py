@@ -54,13 +54,8 @@ class _Corners:
         batch, _, heads, head_dim = value.shape
         device = value.device
         self.spatial_shapes = spatial_shapes
-        padded, self.starts, table_len = [], [], 0
-        for (h, w), part in zip(spatial_shapes, value.split([h * w for h, w in spatial_shapes], dim=1)):
-            padded.append(F.pad(part.reshape(batch, h, w, heads * head_dim), (0, 0, 1, 2, 1, 2)).flatten(1, 2))
-            self.starts.append(table_len)
-            table_len += (h + 3) * (w + 3)
-        self.table = torch.cat(padded, 1).view(batch * table_len * heads, head_dim)
-        self.table_len = table_len
+        self.table, self.starts, self.table_len = _padded_table(value, spatial_shapes)
+        table_len = self.table_len
 
         # embedding_bag takes int32 rows as well as int64: half the index traffic where they fit
         index_dtype = torch.int32 if batch * table_len * heads < 2**31 else torch.int64
@@ -125,6 +120,27 @@ class _Corners:
         return torch.tensor([(w, h) for h, w in self.spatial_shapes], dtype=self.coord_dtype, device=self.rows.device)
 
 
+def _padded_table(value: torch.Tensor, spatial_shapes: Shapes) -> tuple[torch.Tensor, list[int], int]:
+    """Each level of ``value`` (B, S, heads, head_dim) inside a zero border (1 px before, 2 after),
+    written in one pass (padding each level, then concatenating, wrote it three times): the
+    (B * positions * heads, head_dim) rows, each level's first position and the positions per image."""
+    batch, _, heads, head_dim = value.shape
+    starts, table_len = [], 0
+    for h, w in spatial_shapes:
+        starts.append(table_len)
+        table_len += (h + 3) * (w + 3)
+    table = value.new_empty(batch, table_len, heads * head_dim)
+    parts = value.split([h * w for h, w in spatial_shapes], dim=1)
+    for (h, w), start, part in zip(spatial_shapes, starts, parts):
+        level = table[:, start:start + (h + 3) * (w + 3)].view(batch, h + 3, w + 3, heads * head_dim)
+        level[:, 1:h + 1, 1:w + 1] = part.reshape(batch, h, w, heads * head_dim)
+        level[:, 0] = 0
+        level[:, h + 1:] = 0
+        level[:, 1:h + 1, 0] = 0
+        level[:, 1:h + 1, w + 1:] = 0
+    return table.view(batch * table_len * heads, head_dim), starts, table_len
+
+
 def ms_deform_attn_reference(
     value: torch.Tensor,
     spatial_shapes: Shapes,
@@ -137,13 +153,16 @@ def ms_deform_attn_reference(
     [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim).
     """
     batch, _, heads, head_dim = value.shape
-    queries = sampling_locations.shape[1]
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    if not (batch and queries):  # an empty batch has no bags for embedding_bag to size
+        return value.new_zeros(batch, queries, heads * head_dim)
     corners = _Corners(value, spatial_shapes, sampling_locations)
     weights = corners.weights(attention_weights)
+    bag = levels * points * 4
     out = F.embedding_bag(
-        corners.rows.view(batch * queries * heads, -1),
+        corners.rows.view(batch * queries * heads, bag),
         corners.table,
-        per_sample_weights=weights.to(value.dtype).view(batch * queries * heads, -1),
+        per_sample_weights=weights.to(value.dtype).view(batch * queries * heads, bag),
         mode="sum",
     )
     return out.view(batch, queries, heads * head_dim)
