@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from upstream_reference import grid_sample_deform_attn
+
 
 def _sine(mask: torch.Tensor, num_feats: int) -> torch.Tensor:
     """(B, H, W) padding mask -> (B, 2 * num_feats, H, W), upstream's normalised form."""
@@ -84,17 +86,7 @@ def reference_forward(sd: dict, cfg: dict, feats: list[torch.Tensor]):
         off = lin(q, key + ".sampling_offsets").view(b, n_q, e_heads, levels, e_points, 2)
         att = lin(q, key + ".attention_weights").view(b, n_q, e_heads, levels * e_points).softmax(-1)
         att = att.view(b, n_q, e_heads, levels, e_points)
-        norm = torch.tensor([[ww, hh] for hh, ww in shapes], dtype=dtype)
-        loc = ref[None, :, None, None, None, :] + off / norm[None, None, None, :, None, :]
-        out = torch.zeros(b, e_heads, hd, n_q, dtype=dtype)
-        start = 0
-        for li, (hh, ww) in enumerate(shapes):
-            v = value[:, start:start + hh * ww].permute(0, 2, 3, 1).reshape(b * e_heads, hd, hh, ww)
-            start += hh * ww
-            grid = (2 * loc[:, :, :, li] - 1).transpose(1, 2).reshape(b * e_heads, n_q, e_points, 2)
-            smp = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            out += (smp.view(b, e_heads, hd, n_q, e_points) * att[:, :, :, li].transpose(1, 2).unsqueeze(2)).sum(-1)
-        out = lin(out.reshape(b, e_heads * hd, n_q).transpose(1, 2), key + ".output_proj")
+        out = lin(grid_sample_deform_attn(value, shapes, ref, off, att), key + ".output_proj")
         return x + out.transpose(0, 1)
 
     x = query

@@ -234,6 +234,10 @@ def test_spatial_prior_folds_batchnorm_into_its_convs_outside_training_only():
     with torch.no_grad():
         for got, want in zip(spm(image), unfolded(image)):
             assert max_rel_err(got, want) < 1e-5
+    # with autograd on, the folded path still reaches the convs and the norms' affine parameters
+    sum(o.square().mean() for o in spm(image)).backward()
+    assert spm.stem[0].weight.grad.abs().sum() > 0 and spm.conv4[1].weight.grad.abs().sum() > 0
+    spm.zero_grad()
     spm.train()
     before = spm.stem[1].running_mean.clone()
     got = spm(image)

@@ -73,18 +73,8 @@ def upstream_forward(sd: dict, cfg: dict, codebase: str, image: torch.Tensor) ->
         value = value.view(b, -1, d_heads, hd)
         off = lin(query, key + ".sampling_offsets").view(b, q_len, d_heads, n_levels, points, 2)
         att = lin(query, key + ".attention_weights").view(b, q_len, d_heads, n_levels * points).softmax(-1)
-        norm = torch.tensor([[ww, hh] for hh, ww in shapes], dtype=query.dtype)
-        loc = ref[None, :, None, None, None, :] + off / norm[None, None, None, :, None, :]
-        out = torch.zeros(b, d_heads, hd, q_len, dtype=query.dtype)
-        start = 0
-        for lvl, (hh, ww) in enumerate(shapes):
-            v = value[:, start:start + hh * ww].permute(0, 2, 3, 1).reshape(b * d_heads, hd, hh, ww)
-            start += hh * ww
-            grid = (2 * loc[:, :, :, lvl] - 1).transpose(1, 2).reshape(b * d_heads, q_len, points, 2)
-            s = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            a = att.view(b, q_len, d_heads, n_levels, points)[:, :, :, lvl].transpose(1, 2)
-            out += (s.view(b, d_heads, hd, q_len, points) * a.unsqueeze(2)).sum(-1)
-        return lin(out.reshape(b, d_heads * hd, q_len).transpose(1, 2), key + ".output_proj")
+        out = grid_sample_deform_attn(value, shapes, ref, off, att.view(b, q_len, d_heads, n_levels, points))
+        return lin(out, key + ".output_proj")
 
     def dwconv(x, key):
         n = x.shape[1] // 21
@@ -159,3 +149,23 @@ def upstream_forward(sd: dict, cfg: dict, codebase: str, image: torch.Tensor) ->
         levels = [lv + F.interpolate(f, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else lv + f
                   for lv, f, s in zip(levels, feats, (4, 2, 1, 0.5))]
     return [bn(lv, f"norm{i + 1}") for i, lv in enumerate(levels)]
+
+
+def grid_sample_deform_attn(value, shapes, ref, off, att):
+    """Deformable attention the way upstream's pure-PyTorch fallback computes it: locations
+    ``ref + offset / (W, H)``, one ``grid_sample`` per level (zero padding, pixel centres), weights
+    summed over levels and points. value (B, S, heads, hd), ref (Q, 2), off (B, Q, heads, L, P, 2),
+    att (B, Q, heads, L, P) -> (B, Q, heads * hd)."""
+    b, q_len, heads, _, points, _ = off.shape
+    hd = value.shape[-1]
+    norm = torch.tensor([[ww, hh] for hh, ww in shapes], dtype=value.dtype)
+    loc = ref[None, :, None, None, None, :] + off / norm[None, None, None, :, None, :]
+    out = torch.zeros(b, heads, hd, q_len, dtype=value.dtype)
+    start = 0
+    for lvl, (hh, ww) in enumerate(shapes):
+        v = value[:, start:start + hh * ww].permute(0, 2, 3, 1).reshape(b * heads, hd, hh, ww)
+        start += hh * ww
+        grid = (2 * loc[:, :, :, lvl] - 1).transpose(1, 2).reshape(b * heads, q_len, points, 2)
+        sampled = F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out += (sampled.view(b, heads, hd, q_len, points) * att[:, :, :, lvl].transpose(1, 2).unsqueeze(2)).sum(-1)
+    return out.reshape(b, heads * hd, q_len).transpose(1, 2)

@@ -966,22 +966,16 @@ def _size(text: str) -> Any:
     """argparse type for --size, so a bad value is reported as a usage error."""
     if text == "original":
         return text
+    return _positive(text, alternative=" or 'original'")
+
+
+def _positive(text: str, alternative: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'original', got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer{alternative}, got {text!r}")
     return value
 
 

@@ -80,6 +80,8 @@ def _foldable(conv: nn.Module, norm: Optional[nn.Module]) -> bool:
 
 
 def _folded_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    # folded here rather than with torch.nn.utils.fusion, whose detached Parameters would cut the
+    # gradient of a model run in eval mode with autograd on (frozen statistics, attribution)
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
