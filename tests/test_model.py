@@ -247,6 +247,43 @@ def test_spatial_prior_folds_batchnorm_into_its_convs_outside_training_only():
             assert torch.equal(g.detach(), want)
 
 
+def test_extractor_sums_inside_its_matmuls_only_where_nothing_records():
+    """Without autograd the extractor's residual sums go inside its output matmuls (addmm writing
+    into the residual). That must equal the plain c + attn(c) and c + ffn(c), equal the recorded
+    path, which autograd differentiates, and count the same FLOPs (the catalog and the benchmark
+    divide by them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny().eval()
+    extractor = model.interactions[0].extractor
+    torch.manual_seed(0)
+    for p in extractor.parameters():  # upstream's init zeroes some projections: make every term count
+        torch.nn.init.normal_(p, std=0.2)
+    c = torch.randn(2, 16 + 4 + 1, 48)
+    x = torch.randn(2, 4, 48)
+    grids = [(4, 4), (2, 2), (1, 1)]
+    points = torch.rand(c.shape[1], 2)
+    with torch.no_grad():
+        mid = c + extractor.attn(extractor.query_norm(c), points, extractor.feat_norm(x), [(2, 2)])
+        want = mid + extractor.ffn(extractor.ffn_norm(mid), grids)
+        with FlopCounterMode(display=False) as counted_eager:
+            eager = extractor(c, x, points, (2, 2), grids)
+    leaf = c.clone().requires_grad_()
+    with FlopCounterMode(display=False) as counted_recorded:
+        recorded = extractor(leaf, x, points, (2, 2), grids)
+    assert max_rel_err(eager, want) < 1e-6 and max_rel_err(recorded.detach(), want) < 1e-6
+    assert counted_eager.get_total_flops() == counted_recorded.get_total_flops() > 0
+    recorded.square().sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    # layers with hooks (or replaced by wrappers) are called as modules, and give the same sums
+    calls = []
+    for layer in (extractor.attn.output_proj, extractor.ffn.fc2, extractor.attn.sampling_offsets):
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        hooked = extractor(c, x, points, (2, 2), grids)
+    assert len(calls) == 3 and max_rel_err(hooked, want) < 1e-6
+
+
 def test_extractor_residual_stays_in_the_pyramid_dtype_under_autocast():
     """The residual sums are taken in place only where the branch has the pyramid's dtype: under
     autocast the bfloat16 branch output is added to the float32 pyramid, not the other way round."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vitadapter
+from upstream_reference import grid_sample_deform_attn
 from vitadapter.layers.msda_op import (
     _ms_deform_attn_fused_op,
     _ms_deform_attn_op,
@@ -232,6 +233,27 @@ def test_fused_kernel_equals_the_reference_path(case):
     got = fused_with_grads(value, shapes, ref, offsets, logits, grad, "triton")
     for name, g, w in zip(("out", "grad_value", "grad_offsets", "grad_logits"), got, want):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item()), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_inference_path_equals_grid_sample_and_the_op_path(case, dtype):
+    """Without a graph to record, the reference path samples straight from pixel offsets (no op
+    dispatch, no [0, 1] locations). It must give what upstream's grid_sample computation gives, and
+    what the custom op gives when autograd records; points reach off the maps on every side."""
+    shapes, heads, head_dim, points, batch = CASES[case]
+    value, ref, offsets, logits = make_projections(shapes, batch=batch, heads=heads, head_dim=head_dim,
+                                                   points=points, dtype=dtype, seed=3)
+    value, ref, offsets, logits = (t.cpu() for t in (value, ref, offsets, logits))
+    with torch.no_grad():
+        eager = deform_attn_from_projections(value, shapes, ref, offsets, logits, "reference")
+    recorded = deform_attn_from_projections(value, shapes, ref, offsets.requires_grad_(), logits, "reference")
+    weights = logits.double().softmax(-1).view(*offsets.shape[:-1])
+    want = grid_sample_deform_attn(value.double(), shapes, ref.double(), offsets.detach().double(), weights)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert eager.dtype == recorded.dtype == dtype
+    for got in (eager, recorded.detach()):
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_fused_gradcheck_float64_and_opcheck():

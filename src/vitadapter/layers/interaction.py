@@ -9,7 +9,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .msda import MSDeformAttn
+from .msda import MSDeformAttn, is_plain_linear
 from .msda_op import Shapes
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -42,7 +42,11 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, grids: Shapes) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x), grids)))
+        return self.fc2(self.hidden(x, grids))
+
+    def hidden(self, x: torch.Tensor, grids: Shapes) -> torch.Tensor:
+        """Everything before ``fc2``."""
+        return self.act(self.dwconv(self.fc1(x), grids))
 
 
 class Injector(nn.Module):
@@ -91,19 +95,37 @@ class Extractor(nn.Module):
         vit_grid: tuple[int, int],
         c_grids: Shapes,
     ) -> torch.Tensor:
-        c = _add_residual(c, self.attn(self.query_norm(c), reference_points, self.feat_norm(x), [vit_grid]))
-        if self.ffn is not None:
-            c = _add_residual(c, self.drop_path(self.ffn(self.ffn_norm(c), c_grids)))
-        return c
+        attended = self.attn.attend(self.query_norm(c), reference_points, self.feat_norm(x), [vit_grid])
+        c = _plus_linear(c, self.attn.output_proj, attended)
+        if self.ffn is None:
+            return c
+        hidden = self.ffn.hidden(self.ffn_norm(c), c_grids)
+        if self.training and isinstance(self.drop_path, DropPath):
+            return c + self.drop_path(self.ffn.fc2(hidden))
+        return _plus_linear(c, self.ffn.fc2, hidden)
 
 
-def _add_residual(c: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``c + branch``, summed into ``branch`` (a fresh output that autograd does not keep) where the
-    dtypes agree: one pyramid-sized buffer less to allocate and fill per sum. Under autocast the
-    branch comes back in lower precision and the sum is taken out of place, in ``c``'s dtype."""
-    if branch.dtype == c.dtype and branch.shape == c.shape:
-        return branch.add_(c)
-    return c + branch
+def _plus_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)``; in eager inference with the sum taken inside the matmul: the bias
+    goes onto the residual and ``addmm`` accumulates the product onto that, writing into its own
+    input. A separate sum would write and read one more pyramid-sized tensor (5376 x dim at
+    512 x 512), and on the CPU the matmul fills its output with the bias first anyway.
+
+    Plainly elsewhere: autograd takes no ``out=``, compilers fuse the sum themselves, autocast gives
+    the product its own dtype (the sum then stays in the residual's), and a wrapped or hooked layer
+    must be called as a module."""
+    if (
+        not is_plain_linear(linear)
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, linear.weight)))
+        or torch.is_autocast_enabled(x.device.type)
+        or not residual.dtype == x.dtype == linear.weight.dtype
+    ):
+        return residual + linear(x)
+    out = (residual + linear.bias if linear.bias is not None else residual.clone()).contiguous()
+    flat = out.view(-1, out.shape[-1])
+    torch.addmm(flat, x.reshape(-1, x.shape[-1]), linear.weight.t(), out=flat)
+    return out
 
 
 class InteractionBlock(nn.Module):

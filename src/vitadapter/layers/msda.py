@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .msda_op import Shapes, deform_attn_from_projections
@@ -57,10 +58,35 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Shapes,
     ) -> torch.Tensor:
         """query (B, Q, dim), reference_points (Q, 2) in [0, 1], features (B, S, dim) -> (B, Q, dim)."""
+        return self.output_proj(self.attend(query, reference_points, features, spatial_shapes))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        features: torch.Tensor,
+        spatial_shapes: Shapes,
+    ) -> torch.Tensor:
+        """The attention before its output projection: (B, Q, dim * value_ratio)."""
         batch, queries, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(features).view(batch, features.shape[1], heads, self.head_dim)
-        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
-        logits = self.attention_weights(query).view(batch, queries, heads, levels * points)
-        out = deform_attn_from_projections(value, spatial_shapes, reference_points, offsets, logits, self.backend)
-        return self.output_proj(out)
+        offsets, logits = self._query_projections(query)
+        offsets = offsets.unflatten(-1, (heads, levels, points, 2))
+        logits = logits.unflatten(-1, (heads, levels * points))
+        return deform_attn_from_projections(value, spatial_shapes, reference_points, offsets, logits, self.backend)
+
+    def _query_projections(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling offsets and attention logits, in one matmul where both are plain Linear layers:
+        one read of the query (pyramid-sized in the extractors) instead of two."""
+        if is_plain_linear(self.sampling_offsets) and is_plain_linear(self.attention_weights):
+            weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+            bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+            return F.linear(query, weight, bias).split([self.sampling_offsets.out_features, self.attention_weights.out_features], -1)
+        return self.sampling_offsets(query), self.attention_weights(query)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose arithmetic may be done with its weights directly: not a subclass or
+    a quantised or wrapped replacement, and with no hooks that expect it to be called."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)

@@ -15,6 +15,9 @@ autograd included, so it works under ``torch.compile`` and ``torch.export``):
 The adapter's modules enter through ``deform_attn_from_projections``: it takes the raw
 projections (pixel offsets, logits), which the Triton path turns into locations and softmax
 weights inside the kernel (``vitadapter::ms_deform_attn_fused``) instead of in separate passes.
+The reference path goes through the op only where autograd, a compiler or a tracer records; in
+eager inference it samples straight from pixel offsets (the op's dispatch and the [0, 1]
+locations cost about a tenth of a CPU forward's deformable attention).
 While ``torch.onnx.export`` runs, it uses neither op but standard ones that ONNX has
 (``_deform_attn_portable``: ``grid_sample`` per level); ``ms_deform_attn`` itself, called with
 tensor ``spatial_shapes``, stays the custom op, which ONNX export does not translate.
@@ -38,49 +41,50 @@ BACKENDS = ("auto", "triton", "reference")
 class _Corners:
     """Rows of the four bilinear corners of every sampling point in a zero-bordered value table.
 
-    Each level gets a zero border, 1 px before and 2 after, and pixel coordinates are clamped to
-    [-1, size]: every corner then lands on a real or a zero pixel, which is exactly zero padding
-    (a point beyond the border has all corners on zeros; its gradient is zero either way).
+    Built from pixel coordinates, one (x, y) pair of (B, Q, heads, P) tensors per level, with pixel
+    centres at whole numbers (``location * size - 0.5``). Each level gets a zero border, 1 px
+    before and 2 after, and pixel coordinates are clamped to [-1, size]: every corner then lands on
+    a real or a zero pixel, which is exactly zero padding (a point beyond the border has all
+    corners on zeros; its gradient is zero either way).
 
-    Written for the CPU's elementwise kernels, where an op on same-shaped contiguous tensors (or
-    with a scalar) runs 10-30x faster than one that broadcasts a small trailing axis or stacks
-    into a new last axis (ViT-Adapter-T's extractor at 512x512: ~20 us against 200-900 us per op on
-    5376 queries x 6 heads x 4 points). So: one level at a time with Python-number sizes, x and y
-    as separate tensors, and the four corners written into their slots of one buffer (``out=``)
-    rather than stacked, except where autograd records (a differentiable stack then).
+    Written for the CPU's elementwise kernels, where an op on same-shaped tensors (or with a scalar
+    or a value repeated along the innermost axes) runs 10-30x faster than one that broadcasts a
+    small trailing axis or stacks into a new last axis (ViT-Adapter-T's extractor at 512x512: ~20
+    us against 200-900 us per op on 5376 queries x 6 heads x 4 points). So: one level at a time
+    with Python-number sizes, x and y as separate tensors, and results written into their slots of
+    one buffer (``out=``) rather than stacked, except where autograd records (a differentiable
+    stack then).
     """
 
-    def __init__(self, value: torch.Tensor, spatial_shapes: Shapes, sampling_locations: torch.Tensor):
+    def __init__(self, value: torch.Tensor, spatial_shapes: Shapes, pixels: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         batch, _, heads, head_dim = value.shape
         device = value.device
         self.spatial_shapes = spatial_shapes
+        self.pixels = pixels
         self.table, self.starts, self.table_len = _padded_table(value, spatial_shapes)
         table_len = self.table_len
 
         # embedding_bag takes int32 rows as well as int64: half the index traffic where they fit
         index_dtype = torch.int32 if batch * table_len * heads < 2**31 else torch.int64
-        _, queries, _, levels, points, _ = sampling_locations.shape
+        _, queries, _, points = pixels[0][0].shape
         # table row of (batch b, position s, head m) is (b * table_len + s) * heads + m; the (b, m)
         # part, laid out over (heads, points) so that adding it broadcasts over queries only
         batch_head = (
             torch.arange(heads, device=device).view(1, heads, 1)
             + torch.arange(batch, device=device).view(batch, 1, 1) * (table_len * heads)
         ).expand(batch, heads, points).reshape(batch, 1, heads, points)
-        self.coord_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
-        self.rows = torch.empty(batch, queries, heads, levels, points, 4, dtype=index_dtype, device=device)
-        self.fx, self.fy, self.pixels = [], [], []
-        for level, (h, w) in enumerate(spatial_shapes):
-            xy = sampling_locations[:, :, :, level].to(self.coord_dtype)
-            px, py = xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5
-            self.pixels.append((px, py))
+        self.coord_dtype = pixels[0][0].dtype
+        self.rows = torch.empty(batch, queries, heads, len(spatial_shapes), points, 4, dtype=index_dtype, device=device)
+        self.fx, self.fy = [], []
+        for level, ((h, w), (px, py)) in enumerate(zip(spatial_shapes, pixels)):
             px, py = px.clamp(-1, w), py.clamp(-1, h)
             x0, y0 = px.floor(), py.floor()
-            self.fx.append(px - x0)
-            self.fy.append(py - y0)
+            self.fx.append(px.sub_(x0))
+            self.fy.append(py.sub_(y0))
             # corner (y0, x0) sits at table position start + (y0 + 1) * pitch + x0 + 1: whole numbers
             # in floating point, exact up to 2^24 positions per image
             pitch = w + 3
-            position = x0.add(y0, alpha=pitch).to(index_dtype)
+            position = x0.add_(y0, alpha=pitch).to(index_dtype)
             first = (batch_head + (self.starts[level] + pitch + 1) * heads).to(index_dtype)
             top_left = torch.add(first, position, alpha=heads)
             slots = self.rows[:, :, :, level]
@@ -91,19 +95,22 @@ class _Corners:
         """attention x bilinear weight of each corner: (y0,x0) (y0,x1) (y1,x0) (y1,x1) on the last
         axis, (B, Q, heads, L, P, 4)."""
         attn = attention_weights.to(self.coord_dtype)
+        recorded = torch.is_grad_enabled() and (attn.requires_grad or any(f.requires_grad for f in self.fx + self.fy))
+        out = None if recorded else attn.new_empty(*attn.shape, 4)
         per_level = []
         for level, (fx, fy) in enumerate(zip(self.fx, self.fy)):
             lower = attn[:, :, :, level] * fy
             upper = attn[:, :, :, level] - lower
-            upper_right, lower_right = upper * fx, lower * fx
-            per_level.append([upper - upper_right, upper_right, lower - lower_right, lower_right])
-        if torch.is_grad_enabled() and (attn.requires_grad or any(f.requires_grad for f in self.fx + self.fy)):
-            return torch.stack([torch.stack(corners, -1) for corners in per_level], 3)
-        out = attn.new_empty(*attn.shape, 4)
-        for level, corners in enumerate(per_level):
-            for k, corner in enumerate(corners):
-                out[:, :, :, level, :, k] = corner
-        return out
+            if recorded:
+                upper_right, lower_right = upper * fx, lower * fx
+                per_level.append(torch.stack([upper - upper_right, upper_right, lower - lower_right, lower_right], -1))
+            else:
+                corner = out[:, :, :, level].unbind(-1)
+                torch.mul(upper, fx, out=corner[1])
+                torch.sub(upper, corner[1], out=corner[0])
+                torch.mul(lower, fx, out=corner[3])
+                torch.sub(lower, corner[3], out=corner[2])
+        return torch.stack(per_level, 3) if recorded else out
 
     def frac(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fractional pixel coordinates x and y, (B, Q, heads, L, P) each."""
@@ -118,6 +125,34 @@ class _Corners:
 
     def sizes(self) -> torch.Tensor:
         return torch.tensor([(w, h) for h, w in self.spatial_shapes], dtype=self.coord_dtype, device=self.rows.device)
+
+
+def _pixels_from_locations(sampling_locations: torch.Tensor, spatial_shapes: Shapes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level, x and y pixel coordinates of (B, Q, heads, L, P, 2) locations in [0, 1], in at
+    least float32 (a bfloat16 coordinate on a 128-px map is off by up to half a pixel)."""
+    dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    pixels = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        xy = sampling_locations[:, :, :, level].to(dtype)
+        pixels.append((xy[..., 0] * w - 0.5, xy[..., 1] * h - 0.5))
+    return pixels
+
+
+def _pixels_from_offsets(
+    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: Shapes
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level, x and y pixel coordinates of ``reference + offset / size``: the reference point's
+    pixel plus the offset, which skips the [0, 1] locations (one op per coordinate instead of three)."""
+    dtype = torch.promote_types(offsets.dtype, torch.float32)
+    reference = reference_points.to(dtype)
+    queries = reference.shape[0]
+    pixels = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        centre_x = (reference[:, 0] * w - 0.5).view(1, queries, 1, 1)
+        centre_y = (reference[:, 1] * h - 0.5).view(1, queries, 1, 1)
+        xy = offsets[:, :, :, level].to(dtype)
+        pixels.append((xy[..., 0] + centre_x, xy[..., 1] + centre_y))
+    return pixels
 
 
 def _padded_table(value: torch.Tensor, spatial_shapes: Shapes) -> tuple[torch.Tensor, list[int], int]:
@@ -152,11 +187,22 @@ def ms_deform_attn_reference(
     value (B, S, heads, head_dim); sampling_locations (B, Q, heads, levels, points, 2) as (x, y) in
     [0, 1]; attention_weights (B, Q, heads, levels, points) -> (B, Q, heads * head_dim).
     """
+    return _sample(value, spatial_shapes, _pixels_from_locations(sampling_locations, spatial_shapes), attention_weights)
+
+
+def _sample(
+    value: torch.Tensor,
+    spatial_shapes: Shapes,
+    pixels: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The reference's sampling from per-level pixel coordinates: one ``embedding_bag`` over the
+    four bilinear corners of every point."""
     batch, _, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
+    _, queries, _, levels, points = attention_weights.shape
     if not (batch and queries):  # an empty batch has no bags for embedding_bag to size
         return value.new_zeros(batch, queries, heads * head_dim)
-    corners = _Corners(value, spatial_shapes, sampling_locations)
+    corners = _Corners(value, spatial_shapes, pixels)
     weights = corners.weights(attention_weights)
     bag = levels * points * 4
     out = F.embedding_bag(
@@ -178,7 +224,7 @@ def ms_deform_attn_reference_backward(
     """Gradients of the reference for value, sampling_locations and attention_weights, computed
     directly (the op's backward runs where autograd cannot record)."""
     batch, keys, heads, head_dim = value.shape
-    corners = _Corners(value, spatial_shapes, sampling_locations)
+    corners = _Corners(value, spatial_shapes, _pixels_from_locations(sampling_locations, spatial_shapes))
     coord = corners.coord_dtype
     attn = attention_weights.to(coord)
     bilinear = corners.weights(torch.ones_like(attn))
@@ -405,13 +451,18 @@ def deform_attn_from_projections(
     """
     if torch.onnx.is_in_onnx_export():
         return _deform_attn_portable(value, spatial_shapes, reference_points, offsets, logits)
+    backend = resolve_backend(backend, value.device)
+    batch, queries, heads, levels, points, _ = offsets.shape
+    if backend == "reference" and not _graph_recorded(value, offsets, logits):
+        # eager inference: straight to the sampling, without the op's dispatch or [0, 1] locations
+        weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
+        return _sample(value, spatial_shapes, _pixels_from_offsets(reference_points, offsets, spatial_shapes), weights)
     shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=value.device).view(-1, 2)
     starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
-    if resolve_backend(backend, value.device) == "triton":
+    if backend == "triton":
         return _ms_deform_attn_fused_op(
             value.contiguous(), shapes, starts, reference_points.contiguous(), offsets.contiguous(), logits.contiguous()
         )
-    batch, queries, heads, levels, points, _ = offsets.shape
     # locations in at least float32: a bfloat16 coordinate on a 128-px map is off by up to half a pixel
     coord_dtype = torch.promote_types(offsets.dtype, torch.float32)
     inverse_sizes = torch.tensor([(1 / w, 1 / h) for h, w in spatial_shapes], dtype=coord_dtype, device=value.device)
@@ -420,6 +471,14 @@ def deform_attn_from_projections(
     )
     weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
     return ms_deform_attn_op(value, shapes, starts, locations, weights, "reference")
+
+
+def _graph_recorded(*inputs: torch.Tensor) -> bool:
+    """Whether autograd, a compiler or a tracer records this call: then it goes through the custom
+    op, which they see as one node and whose backward recomputes the corners instead of keeping them."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def _deform_attn_portable(
