@@ -102,10 +102,11 @@ class Extractor(nn.Module):
         hidden = self.ffn.hidden(self.ffn_norm(c), c_grids)
         if self.training and isinstance(self.drop_path, DropPath):
             return c + self.drop_path(self.ffn.fc2(hidden))
-        return _plus_linear(c, self.ffn.fc2, hidden)
+        # c is this call's own sum now, not the caller's tensor: the second sum may go into it
+        return _plus_linear(c, self.ffn.fc2, hidden, into_residual=True)
 
 
-def _plus_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _plus_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor, into_residual: bool = False) -> torch.Tensor:
     """``residual + linear(x)``; in eager inference with the sum taken inside the matmul: the bias
     goes onto the residual and ``addmm`` accumulates the product onto that, writing into its own
     input. A separate sum would write and read one more pyramid-sized tensor (5376 x dim at
@@ -113,7 +114,8 @@ def _plus_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> 
 
     Plainly elsewhere: autograd takes no ``out=``, compilers fuse the sum themselves, autocast gives
     the product its own dtype (the sum then stays in the residual's), and a wrapped or hooked layer
-    must be called as a module."""
+    must be called as a module. ``into_residual``: the residual is the caller's own scratch, and
+    the sum may overwrite it (one fresh pyramid-sized buffer less)."""
     if (
         not is_plain_linear(linear)
         or torch.compiler.is_compiling()
@@ -122,7 +124,10 @@ def _plus_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> 
         or not residual.dtype == x.dtype == linear.weight.dtype
     ):
         return residual + linear(x)
-    out = (residual + linear.bias if linear.bias is not None else residual.clone()).contiguous()
+    if into_residual and residual.is_contiguous():
+        out = residual if linear.bias is None else residual.add_(linear.bias)
+    else:
+        out = (residual + linear.bias if linear.bias is not None else residual.clone()).contiguous()
     flat = out.view(-1, out.shape[-1])
     torch.addmm(flat, x.reshape(-1, x.shape[-1]), linear.weight.t(), out=flat)
     return out
