@@ -7,6 +7,13 @@ absolute times. FLOPs are counted as ``vitadapter.catalog.count_flops`` does (at
 "time per FLOP" = (vitadapter time / ViT time) / (vitadapter FLOPs / ViT FLOPs): 1.0 means the
 adapter's extra work runs as efficiently as the ViT itself.
 
+"page faults" are the process's minor page faults per forward (median), vitadapter / ViT: fresh
+memory the allocator maps and the kernel zeroes. glibc's malloc returns buffers above a size
+threshold to the system and maps them again on the next forward; the adapter's pyramid-sized
+buffers (5376 x dim floats, 50 MB stride-4 maps for B) hit that and the ViT's do not. glibc's
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (set in the environment, see the model
+card) change it for all three models; the header line says when they are set.
+
 Upstream is its own segmentation ViTAdapter with its pure-PyTorch deformable attention (see
 ``upstream_code.py``), given vitadapter's weights so that the outputs can be compared; without
 ``VITADAPTER_UPSTREAM`` its columns are left out.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -40,10 +48,18 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def seconds(forward: Callable[[torch.Tensor], object], image: torch.Tensor) -> float:
-    start = time.perf_counter()
+def page_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Windows: the column then reads 0
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def seconds_and_faults(forward: Callable[[torch.Tensor], object], image: torch.Tensor) -> tuple[float, int]:
+    faults, start = page_faults(), time.perf_counter()
     forward(image)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, page_faults() - faults
 
 
 def measure(size: str, runs: int, resolution: int, with_upstream: bool) -> dict:
@@ -61,14 +77,18 @@ def measure(size: str, runs: int, resolution: int, with_upstream: bool) -> dict:
         models["upstream"] = upstream
         result["max_rel_diff"] = diff
     times: dict[str, list[float]] = {name: [] for name in models}
+    faults: dict[str, list[int]] = {name: [] for name in models}
     with torch.inference_mode():
         for forward in models.values():
             forward(image)
         for _ in range(runs):
             for name, forward in models.items():
-                times[name].append(seconds(forward, image))
+                took, faulted = seconds_and_faults(forward, image)
+                times[name].append(took)
+                faults[name].append(faulted)
     medians = {name: statistics.median(t) for name, t in times.items()}
     result.update(medians)
+    result["faults"] = {name: statistics.median(f) for name, f in faults.items()}
     result["time_per_flop"] = medians["ours"] / medians["plain"] / result["flop_ratio"]
     return result
 
@@ -85,16 +105,18 @@ def main() -> None:
 
     print(f"# {datetime.date.today()}, {cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, timm {timm.__version__}, fp32, batch 1, {args.resolution}x{args.resolution}, "
-          f"median of {args.runs} runs in turn" + ("" if with_upstream else f"; no upstream ({upstream_code.ENV} unset)"))
+          f"median of {args.runs} runs in turn" + ("" if with_upstream else f"; no upstream ({upstream_code.ENV} unset)")
+          + "".join(f"; {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")))
     upstream_head = " upstream | speed-up vs upstream | max rel. diff |" if with_upstream else ""
-    print(f"| size | vitadapter |{upstream_head} plain timm ViT | time ratio | FLOP ratio | time per FLOP |")
-    print("|---" * (6 + 3 * with_upstream) + "|")
+    print(f"| size | vitadapter |{upstream_head} plain timm ViT | time ratio | FLOP ratio | time per FLOP | page faults |")
+    print("|---" * (7 + 3 * with_upstream) + "|")
     for size in args.sizes:
         r = measure(size, args.runs, args.resolution, with_upstream)
         upstream_cells = (f" {r['upstream']:.3f} s | {r['upstream'] / r['ours']:.2f}x | {r['max_rel_diff']:.1e} |"
                           if with_upstream else "")
         print(f"| {r['size']} | {r['ours']:.3f} s |{upstream_cells} {r['plain']:.3f} s | {r['ours'] / r['plain']:.2f} | "
-              f"{r['flop_ratio']:.2f} | {r['time_per_flop']:.2f} |", flush=True)
+              f"{r['flop_ratio']:.2f} | {r['time_per_flop']:.2f} | {r['faults']['ours']:.0f} / {r['faults']['plain']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -285,8 +285,8 @@ def test_extractor_sums_inside_its_matmuls_only_where_nothing_records():
 
 
 def test_extractor_residual_stays_in_the_pyramid_dtype_under_autocast():
-    """The residual sums are taken in place only where the branch has the pyramid's dtype: under
-    autocast the bfloat16 branch output is added to the float32 pyramid, not the other way round."""
+    """Under autocast the residual sums are not taken inside the (bfloat16) matmuls: the bfloat16
+    branch output is added to the float32 pyramid, which keeps its dtype."""
     model = tiny().eval()
     block = model.interactions[0]
     c = torch.randn(1, 16 + 4 + 1, 48)
