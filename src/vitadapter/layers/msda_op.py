@@ -15,9 +15,9 @@ autograd included, so it works under ``torch.compile`` and ``torch.export``):
 The adapter's modules enter through ``deform_attn_from_projections``: it takes the raw
 projections (pixel offsets, logits), which the Triton path turns into locations and softmax
 weights inside the kernel (``vitadapter::ms_deform_attn_fused``) instead of in separate passes.
-The reference path goes through the op only where autograd, a compiler or a tracer records; in
-eager inference it samples straight from pixel offsets (the op's dispatch and the [0, 1]
-locations cost about a tenth of a CPU forward's deformable attention).
+The reference path goes through the op only where autograd, a compiler or a tracer records (or
+for fake tensors); in eager inference it samples straight from pixel offsets (the op's dispatch
+and the [0, 1] locations cost about a tenth of a CPU forward's deformable attention).
 While ``torch.onnx.export`` runs, it uses neither op but standard ones that ONNX has
 (``_deform_attn_portable``: ``grid_sample`` per level); ``ms_deform_attn`` itself, called with
 tensor ``spatial_shapes``, stays the custom op, which ONNX export does not translate.
@@ -453,7 +453,7 @@ def deform_attn_from_projections(
         return _deform_attn_portable(value, spatial_shapes, reference_points, offsets, logits)
     backend = resolve_backend(backend, value.device)
     batch, queries, heads, levels, points, _ = offsets.shape
-    if backend == "reference" and not _graph_recorded(value, offsets, logits):
+    if backend == "reference" and not _wants_the_op(value, offsets, logits):
         # eager inference: straight to the sampling, without the op's dispatch or [0, 1] locations
         weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
         return _sample(value, spatial_shapes, _pixels_from_offsets(reference_points, offsets, spatial_shapes), weights)
@@ -473,10 +473,14 @@ def deform_attn_from_projections(
     return ms_deform_attn_op(value, shapes, starts, locations, weights, "reference")
 
 
-def _graph_recorded(*inputs: torch.Tensor) -> bool:
-    """Whether autograd, a compiler or a tracer records this call: then it goes through the custom
-    op, which they see as one node and whose backward recomputes the corners instead of keeping them."""
+def _wants_the_op(*inputs: torch.Tensor) -> bool:
+    """Whether this call goes through the custom op: where autograd, a compiler or a tracer records
+    it (they see one node, and its backward recomputes the corners instead of keeping them), and
+    for tensor subclasses such as fake tensors (shape propagation then runs the op's fake kernel
+    instead of each of the sampling's ops)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return True
+    if any(type(t) is not torch.Tensor for t in inputs):
         return True
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
