@@ -37,6 +37,11 @@ import upstream_code
 import vitadapter
 from vitadapter.catalog import count_flops
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 PLAIN_VIT = {"t": "deit_tiny_patch16_224", "s": "deit_small_patch16_224", "b": "deit_base_patch16_224"}
 
 
@@ -49,9 +54,7 @@ def cpu_name() -> str:
 
 
 def page_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on Windows: the column then reads 0
+    if resource is None:  # Windows: the column then reads 0
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

@@ -453,10 +453,11 @@ def deform_attn_from_projections(
         return _deform_attn_portable(value, spatial_shapes, reference_points, offsets, logits)
     backend = resolve_backend(backend, value.device)
     batch, queries, heads, levels, points, _ = offsets.shape
-    if backend == "reference" and not _wants_the_op(value, offsets, logits):
-        # eager inference: straight to the sampling, without the op's dispatch or [0, 1] locations
+    if backend == "reference":
         weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
-        return _sample(value, spatial_shapes, _pixels_from_offsets(reference_points, offsets, spatial_shapes), weights)
+        if not _wants_the_op(value, offsets, logits):
+            # eager inference: straight to the sampling, without the op's dispatch or [0, 1] locations
+            return _sample(value, spatial_shapes, _pixels_from_offsets(reference_points, offsets, spatial_shapes), weights)
     shapes = torch.tensor(spatial_shapes, dtype=torch.int64, device=value.device).view(-1, 2)
     starts = torch.cumsum(shapes.prod(1), 0) - shapes.prod(1)
     if backend == "triton":
@@ -469,7 +470,6 @@ def deform_attn_from_projections(
     locations = torch.addcmul(
         reference_points.to(coord_dtype).view(1, queries, 1, 1, 1, 2), offsets, inverse_sizes.view(levels, 1, 2)
     )
-    weights = _narrow_softmax(logits).view(batch, queries, heads, levels, points)
     return ms_deform_attn_op(value, shapes, starts, locations, weights, "reference")
 
 
