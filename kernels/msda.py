@@ -16,6 +16,12 @@ Two input forms share the kernels (``FUSED`` is a compile-time switch):
   in registers instead of in separate kernels with their own round trips through memory.
 Other layouts (all contiguous): value (B, S, heads, D); spatial_shapes (L, 2) as (H, W);
 level_start_index (L,). Output (B, Q, heads * D).
+
+Installed as ``vitadapter.kernels.msda``. Importing it imports Triton; set ``TRITON_INTERPRET=1``
+before the import to run the kernels on CPU tensors through Triton's interpreter (slow: for tests on
+small shapes). The folder has no ``__init__.py`` on purpose: a regular package named ``kernels`` at the
+repository's root would shadow the PyPI package ``kernels`` (which transformers imports) for anything
+started there, while a namespace portion yields to any regular package of that name on ``sys.path``.
 """
 from __future__ import annotations
 

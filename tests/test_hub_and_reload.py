@@ -39,8 +39,8 @@ def test_smp_and_transformers_checkpoints_reload_after_import_vitadapter(tmp_pat
     upernet.save_pretrained(str(tmp_path / "upernet"))
     image = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.save({"unet": unet.eval()(image), "upernet": upernet.eval()(pixel_values=image).logits, "image": image},
-                   tmp_path / "expected.pt")
+        torch.save({"unet": unet.eval()(image), "upernet": upernet.eval()(pixel_values=image).logits, "image": image,
+                    "upernet_state": upernet.state_dict()}, tmp_path / "expected.pt")
 
     fresh = (
         "import torch, segmentation_models_pytorch as smp\n"
@@ -56,7 +56,12 @@ def test_smp_and_transformers_checkpoints_reload_after_import_vitadapter(tmp_pat
         "upernet = transformers.UperNetForSemanticSegmentation.from_pretrained('upernet').eval()\n"
         "with torch.no_grad():\n"
         "    assert torch.equal(unet(expected['image']), expected['unet'])\n"
-        "    assert torch.equal(upernet(pixel_values=expected['image']).logits, expected['upernet'])\n"
+        "    logits = upernet(pixel_values=expected['image']).logits\n"
+        "state = upernet.state_dict()\n"
+        "assert all(torch.equal(state[k], v) for k, v in expected['upernet_state'].items())\n"
+        # transformers 5 computes with the weights where safetensors mapped them; oneDNN's rounding
+        # follows the buffers' alignment, so equal weights give logits equal to float32 rounding only
+        "torch.testing.assert_close(logits, expected['upernet'], rtol=0, atol=1e-6 * expected['upernet'].abs().max().item())\n"
     )
     done = run(reload, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

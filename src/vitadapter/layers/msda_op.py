@@ -269,10 +269,10 @@ def ms_deform_attn_reference_backward(
 @functools.cache
 def _kernels():
     try:
-        from vitadapter import kernels
+        from vitadapter.kernels import msda
     except ImportError as e:  # no Triton on this platform
         raise RuntimeError(f"backend='triton' needs Triton, which does not import here ({e})") from e
-    return kernels
+    return msda
 
 
 def _python_shapes(spatial_shapes: torch.Tensor) -> list[tuple[int, int]]:

@@ -173,9 +173,6 @@ class ViTAdapter(nn.Module):
         if freeze_trunk:
             self.vit.requires_grad_(False)
             self.vit.eval()
-        # Tokens are channels-last already, and oneDNN's convolutions run about twice as fast on
-        # channels-last inputs and weights: keep every map in that layout end to end.
-        self.to(memory_format=torch.channels_last)
 
     def init_adapter_weights(self) -> None:
         """Upstream's initialisation of everything but the ViT: trunc-normal Linear, fan-out normal convs,
