@@ -44,6 +44,7 @@ _FLOATS = {  # field: (lowest, highest, whether the lowest is allowed)
     "deform_ratio": (0.0, 4.0, False),
     "cffn_ratio": (0.0, 16.0, False),
     "init_values": (-1e6, 1e6, True),
+    "adapter_norm_eps": (0.0, 1.0, False),
 }
 _BOOLS = (
     "qkv_bias", "layer_scale", "with_cffn", "add_vit_feature", "use_extra_extractor", "extractor_only",

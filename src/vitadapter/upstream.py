@@ -25,7 +25,7 @@ from timm.models.eva import Eva
 from timm.models.eva import checkpoint_filter_fn as eva_filter
 
 from .config_checks import check_fields, check_model_args, upstream_defaults
-from .converters import dinov2, dinov3
+from .converters import dinov2, dinov3, uniperceiver
 from .models.vit_adapter import ViTAdapter
 from .staging import staging_folder
 from .trunks import trunk_state_from_timm
@@ -44,6 +44,7 @@ _SAME_NAME = (
     "deform_num_heads", "deform_ratio", "init_values", "interaction_indexes", "with_cffn", "cffn_ratio",
     "add_vit_feature", "use_extra_extractor",
 )
+_TYPES = ("ViTAdapter", "BEiTAdapter", "UniPerceiverAdapter")
 # accepted and without effect on the computed function (weights come from ``checkpoint``;
 # ``_delete_`` is an mm-config merge directive, present when a config file's dict is pasted as is)
 _IGNORED = ("pretrained", "num_classes", "with_cp", "_delete_")
@@ -111,19 +112,22 @@ def _foreign_state(checkpoint: Checkpoint, codebase: str) -> dict[str, Any]:
 
 
 def upstream_kwargs(backbone_cfg: Mapping[str, Any], codebase: str) -> dict[str, Any]:
-    """Translate an upstream backbone config (``ViTAdapter`` or ``BEiTAdapter``) into ``ViTAdapter`` kwargs."""
+    """Translate an upstream backbone config (``ViTAdapter``, ``BEiTAdapter`` or ``UniPerceiverAdapter``)
+    into ``ViTAdapter`` kwargs."""
     if codebase not in CODEBASES:
         raise ValueError(f"codebase must be one of {CODEBASES}, got {codebase!r}")
     cfg = dict(backbone_cfg)
     # before the translation below uses a value (depth expands window lists): bad ones are named
     check_fields(cfg, _source(codebase))
     kind = cfg.pop("type", "ViTAdapter")
-    if kind not in ("ViTAdapter", "BEiTAdapter"):
-        raise ValueError(f"backbone type {kind!r} is not supported (supported: 'ViTAdapter', 'BEiTAdapter')")
+    if kind not in _TYPES:
+        raise ValueError(f"backbone type {kind!r} is not supported (supported: {', '.join(map(repr, _TYPES))})")
     for name in _IGNORED:
         cfg.pop(name, None)
     if kind == "BEiTAdapter":
         kwargs = _beit_kwargs(cfg, codebase)
+    elif kind == "UniPerceiverAdapter":
+        kwargs = uniperceiver.adapter_kwargs(cfg, codebase, _windows(cfg, cfg.get("depth", 12)))
     else:
         kwargs = _vit_kwargs(cfg)
         kwargs["vit_feature_source"] = "interactions" if codebase == "segmentation" else "final"
@@ -300,6 +304,8 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
         )
     if any(k.startswith("vit.") for k in state):
         return Conversion(dict(state), dropped, [])
+    if uniperceiver.is_uniperceiver_state(state):
+        return _uniperceiver_conversion(state, dropped, model)
     if any(k.startswith(("spm.", "level_embed", "interactions.")) for k in state):
         convert = _upstream_beit_keys if beit_state else _upstream_keys
         return Conversion(convert(state), dropped, [])
@@ -316,6 +322,23 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
         return Conversion(full, dropped + classifier, initialised)
     shown = ", ".join(list(state)[:5]) or "none"
     raise ValueError(f"not a ViT-Adapter, vitadapter or timm ViT checkpoint (no patch embedding or adapter: {shown})")
+
+
+def _uniperceiver_conversion(state: Mapping[str, torch.Tensor], dropped: list[str], model: ViTAdapter) -> Conversion:
+    """An upstream Uni-Perceiver adapter backbone, or the encoder alone (then the adapter keeps its
+    fresh upstream initialisation)."""
+    if not isinstance(getattr(model.vit, "norm_pre", None), torch.nn.LayerNorm) or model.vit.cls_token is not None:
+        raise ValueError(
+            f"this is a Uni-Perceiver checkpoint and the model's trunk is a {type(model.vit).__name__} of another "
+            "kind: use a uniperceiver_adapter_* architecture"
+        )
+    converted, gone = uniperceiver.convert_state(state)
+    if any(not k.startswith("vit.") for k in converted):
+        return Conversion(converted, dropped + gone, [])
+    full = {k: v for k, v in model.state_dict().items() if not k.startswith("vit.")}
+    initialised = sorted(full)
+    full.update(converted)
+    return Conversion(full, dropped + gone, initialised)
 
 
 def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

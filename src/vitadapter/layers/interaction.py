@@ -2,7 +2,6 @@
 (docs/upstream.md, "Forward")."""
 from __future__ import annotations
 
-from functools import partial
 from typing import Sequence
 
 import torch
@@ -12,7 +11,8 @@ from torch import nn
 from .msda import MSDeformAttn, is_plain_linear
 from .msda_op import Shapes
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+# upstream's adapter norms: eps 1e-6 on its ViTs, torch's 1e-5 on Uni-Perceiver (``norm_eps``)
+NORM_EPS = 1e-6
 
 
 class DWConv(nn.Module):
@@ -52,10 +52,12 @@ class ConvFFN(nn.Module):
 class Injector(nn.Module):
     """ViT tokens query the pyramid: ``x + gamma * MSDA(x, c)`` over the three pyramid levels."""
 
-    def __init__(self, dim: int, num_heads: int, num_points: int, deform_ratio: float, init_values: float):
+    def __init__(
+        self, dim: int, num_heads: int, num_points: int, deform_ratio: float, init_values: float, norm_eps: float = NORM_EPS
+    ):
         super().__init__()
-        self.query_norm = LayerNorm(dim)
-        self.feat_norm = LayerNorm(dim)
+        self.query_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.feat_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MSDeformAttn(dim, num_heads, num_levels=3, num_points=num_points, value_ratio=deform_ratio)
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
 
@@ -75,14 +77,15 @@ class Extractor(nn.Module):
         with_cffn: bool,
         cffn_ratio: float,
         drop_path: float,
+        norm_eps: float = NORM_EPS,
     ):
         super().__init__()
-        self.query_norm = LayerNorm(dim)
-        self.feat_norm = LayerNorm(dim)
+        self.query_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.feat_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = MSDeformAttn(dim, num_heads, num_levels=1, num_points=num_points, value_ratio=deform_ratio)
         if with_cffn:
             self.ffn = ConvFFN(dim, int(dim * cffn_ratio))
-            self.ffn_norm = LayerNorm(dim)
+            self.ffn_norm = nn.LayerNorm(dim, eps=norm_eps)
             self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         else:
             self.ffn = None
@@ -149,12 +152,15 @@ class InteractionBlock(nn.Module):
         drop_path: float,
         extra_extractors: bool,
         with_injector: bool = True,
+        norm_eps: float = NORM_EPS,
     ):
         super().__init__()
-        self.injector = Injector(dim, num_heads, num_points, deform_ratio, init_values) if with_injector else None
+        self.injector = (
+            Injector(dim, num_heads, num_points, deform_ratio, init_values, norm_eps) if with_injector else None
+        )
 
         def extractor() -> Extractor:
-            return Extractor(dim, num_heads, num_points, deform_ratio, with_cffn, cffn_ratio, drop_path)
+            return Extractor(dim, num_heads, num_points, deform_ratio, with_cffn, cffn_ratio, drop_path, norm_eps)
 
         self.extractor = extractor()
         self.extra_extractors = nn.Sequential(extractor(), extractor()) if extra_extractors else None

@@ -13,14 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def windowed_attention(attn: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
-    """Self-attention of tokens ``x`` (B, H*W, C) within ``window``-sized squares of the ``grid``."""
+def windowed_attention(
+    attn: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int, pad_tokens: bool = False
+) -> torch.Tensor:
+    """Self-attention of tokens ``x`` (B, H*W, C) within ``window``-sized squares of the ``grid``.
+
+    ``pad_tokens``: pad the tokens with zeros before the projection, as upstream's Uni-Perceiver does
+    (padded positions then carry the q/k/v biases), instead of padding q, k and v."""
     batch, tokens, _ = x.shape
     h, w = grid
     heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).view(batch, h, w, -1)
     pad_h, pad_w = -h % window, -w % window
-    qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+    if pad_tokens:
+        qkv = attn.qkv(F.pad(x.view(batch, h, w, -1), (0, 0, 0, pad_w, 0, pad_h)))
+    else:
+        qkv = F.pad(attn.qkv(x).view(batch, h, w, -1), (0, 0, 0, pad_w, 0, pad_h))
     rows, cols = (h + pad_h) // window, (w + pad_w) // window
     qkv = qkv.view(batch, rows, window, cols, window, 3, heads, head_dim)
     qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch * rows * cols, heads, window * window, head_dim)

@@ -59,7 +59,8 @@ class ViTAdapter(nn.Module):
 
     ``interaction_indexes`` holds inclusive block ranges (``[[0, 2], [3, 5], ...]``) or the last
     block of each interaction (``[2, 5, 8, 11]``); by default four even groups of the depth.
-    ``window_size`` lists one attention window per block (``None``: global). ``freeze_trunk``
+    ``window_size`` lists one attention window per block (``None``: global). ``adapter_norm_eps``: the
+    injectors' and extractors' LayerNorm eps (upstream's 1e-6; its Uni-Perceiver adapter's 1e-5). ``freeze_trunk``
     stops the trunk's gradients and keeps it in eval mode; in extractor-only mode it also runs
     under ``no_grad``. Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and
     the outputs are cropped to ``ceil(h / stride) x ceil(w / stride)``. ``model_args`` holds the
@@ -96,6 +97,7 @@ class ViTAdapter(nn.Module):
         use_extra_extractor: bool = True,
         vit_feature_source: VitFeatureSource = "interactions",
         window_size: Optional[Sequence[Optional[int]]] = None,
+        adapter_norm_eps: float = 1e-6,
         extractor_only: bool = False,
         freeze_trunk: bool = False,
         num_classes: int = 0,
@@ -156,6 +158,7 @@ class ViTAdapter(nn.Module):
                 drop_path=drop_path_rate,
                 extra_extractors=use_extra_extractor and i == len(self.interaction_indexes) - 1,
                 with_injector=not extractor_only,
+                norm_eps=adapter_norm_eps,
             )
             for i in range(len(self.interaction_indexes))
         ])

@@ -13,6 +13,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from . import uniperceiver  # noqa: F401  (registers Uni-Perceiver's encoders with timm)
 from .base import TrunkDriver
 from .beit import BeitTrunk
 from .eva import EvaTrunk

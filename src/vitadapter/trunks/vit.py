@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers.window_attn import windowed_attention
 from .base import Grid, TrunkDriver
+from .uniperceiver import UniPerceiverEncoder
 
 
 def create_vit(
@@ -91,7 +92,8 @@ class VisionTransformerTrunk(TrunkDriver):
     """timm ``VisionTransformer``: DeiT, AugReg, DeiT3, DINOv2 (patch 14, registers), upstream's ViT.
 
     ``window_sizes[i]`` gives block i upstream's windowed attention (``None``: global). Windows
-    need a trunk without prefix tokens, as upstream's detection ViTs are.
+    need a trunk without prefix tokens, as upstream's detection ViTs are. Uni-Perceiver's encoder pads
+    its windows' tokens rather than their q/k/v (``layers.window_attn``).
     """
 
     family = "VisionTransformer"
@@ -103,15 +105,16 @@ class VisionTransformerTrunk(TrunkDriver):
                 "windowed attention needs a trunk without cls/register tokens (upstream's detection "
                 "ViTs have none): build the timm model with class_token=False, reg_tokens=0"
             )
+        self.pad_tokens = isinstance(model, UniPerceiverEncoder)
 
     def _block(self, index: int, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         block, window = self.model.blocks[index], self.window_sizes[index]
         if window is None:
             return block(x)
-        return _windowed_block(block, x, grid, window)
+        return _windowed_block(block, x, grid, window, self.pad_tokens)
 
 
-def _windowed_block(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:
+def _windowed_block(block: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int, pad_tokens: bool) -> torch.Tensor:
     """A timm ``Block`` forward with its attention restricted to windows."""
-    x = x + block.drop_path1(block.ls1(windowed_attention(block.attn, block.norm1(x), grid, window)))
+    x = x + block.drop_path1(block.ls1(windowed_attention(block.attn, block.norm1(x), grid, window, pad_tokens)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
