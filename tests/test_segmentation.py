@@ -241,7 +241,7 @@ def test_segmentor_refuses_bad_settings():
 
 def test_zoo_names_release_files_and_builds_upstreams_recipe():
     archs = [a for m in SEGMENTOR_MODULES for a in timm.list_models(module=m)]
-    assert len(archs) == 12 and set(archs) <= set(vitadapter.list_models())
+    assert len(archs) == 13 and set(archs) <= set(vitadapter.list_models())
     datasets = {150: ade20k.CLASSES, 171: coco_stuff.CLASSES, 19: cityscapes.CLASSES}
     for tag in vitadapter.list_pretrained("upernet_*") + vitadapter.list_pretrained("mask2former_*"):
         cfg = timm.models.get_pretrained_cfg(tag)

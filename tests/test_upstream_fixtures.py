@@ -6,7 +6,7 @@ import vitadapter
 from conftest import load_fixture, max_rel_err
 
 
-@pytest.mark.parametrize("name", ["seg_vit", "det_vit"])
+@pytest.mark.parametrize("name", ["seg_vit", "det_vit", "seg_uniperceiver", "det_uniperceiver"])
 def test_matches_upstream_fixture(name):
     meta, ckpt, io = load_fixture(name)
     model = vitadapter.load_upstream(meta["backbone"], meta["codebase"], ckpt).eval()
@@ -30,7 +30,7 @@ def test_codebases_differ_on_same_weights():
         assert max_rel_err(b[level], a[level]) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["seg_vit", "det_vit"])
+@pytest.mark.parametrize("name", ["seg_vit", "det_vit", "seg_uniperceiver", "det_uniperceiver"])
 def test_batch_items_are_independent(name):
     """A batch of two images gives each image's single-image result (eval mode)."""
     meta, ckpt, io = load_fixture(name)

@@ -91,7 +91,13 @@ def adapter_kwargs(cfg: dict[str, Any], codebase: str, window_size: Optional[lis
         if name in cfg:
             raise ValueError(f"{name}: upstream's Uni-Perceiver takes a class here; only its default is supported")
     in_chans = trunk_kwargs.pop("in_chans")
-    trunk = _SIZES.get((trunk_kwargs["embed_dim"], trunk_kwargs["depth"], trunk_kwargs["num_heads"]), _SIZES[(768, 12, 12)])
+    size = (trunk_kwargs["embed_dim"], trunk_kwargs["depth"], trunk_kwargs["num_heads"])
+    trunk = _SIZES.get(size, _SIZES[(768, 12, 12)])
+    if size in _SIZES:  # the registered encoder's own shape: config.json then names just it
+        for name in ("embed_dim", "depth", "num_heads"):
+            del trunk_kwargs[name]
+        if trunk_kwargs["mlp_ratio"] == 4.0:
+            del trunk_kwargs["mlp_ratio"]
     return dict(
         trunk=trunk,
         trunk_kwargs=trunk_kwargs,

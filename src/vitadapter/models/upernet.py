@@ -25,6 +25,7 @@ default_cfgs = generate_default_cfgs({
     "upernet_vit_adapter_b.deit_ade20k": release("vit_adapter_b.deit_upernet_ade20k", (512, 2048)),
     "upernet_vit_adapter_b_384.augreg_ade20k": release("vit_adapter_b_384.augreg_upernet_ade20k", (512, 2048)),
     "upernet_vit_adapter_l.augreg_ade20k": release("vit_adapter_l.augreg_upernet_ade20k", (512, 2048)),
+    "upernet_uniperceiver_adapter_l.ade20k": release("uniperceiver_adapter_l.upernet_ade20k", (512, 2048)),
     "upernet_beit_adapter_l.ade20k": release("beit_adapter_l.upernet_ade20k", (640, 2048)),
     "upernet_beit_adapter_l.cocostuff164k": _upstream(
         "v0.2.6/upernet_beit_adapter_large_640_80k_cocostuff164k.pth.tar",
@@ -83,6 +84,12 @@ def upernet_vit_adapter_b_384(pretrained: bool = False, **kwargs: Any) -> Segmen
 def upernet_vit_adapter_l(pretrained: bool = False, **kwargs: Any) -> Segmentor:
     """UperNet on ViT-Adapter-L (AugReg-L trunk), ADE20K 512 crops."""
     return _create_upernet("upernet_vit_adapter_l", "vit_adapter_l", pretrained, kwargs)
+
+
+@register_model
+def upernet_uniperceiver_adapter_l(pretrained: bool = False, **kwargs: Any) -> Segmentor:
+    """UperNet on ViT-Adapter-L (Uni-Perceiver-L encoder), ADE20K 512 crops."""
+    return _create_upernet("upernet_uniperceiver_adapter_l", "uniperceiver_adapter_l", pretrained, kwargs)
 
 
 @register_model
