@@ -171,10 +171,9 @@ _B = dict(_L, embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.2, deform_
 UPSTREAM_CONFIGS = {
     "uniperceiver_adapter_l": ("segmentation", dict(_L, with_cp=True, window_attn=[False] * 24, window_size=[None] * 24)),
     "uniperceiver_adapter_b_det": ("detection", dict(_B, window_attn=[True, True, False] * 4, window_size=[14, 14, None] * 4)),
-    "uniperceiver_adapter_l_det": (
-        "detection", dict(_L, with_cp=False, window_attn=([True] * 5 + [False]) * 4, window_size=([14] * 5 + [None]) * 4)
-    ),
 }
+# HTC++ on Uni-Perceiver-L: no release, the -L architecture in the detection flavour
+HTC_L = dict(_L, with_cp=False, window_attn=([True] * 5 + [False]) * 4, window_size=([14] * 5 + [None]) * 4)
 
 
 @pytest.mark.parametrize("arch", sorted(UPSTREAM_CONFIGS))
@@ -183,6 +182,15 @@ def test_registered_architectures_are_upstreams_configs(arch):
     with meta_device():
         registered = vitadapter.create_model(arch).model_args
         converted = ViTAdapter(**model_kwargs(cfg, codebase)).model_args
+    assert converted == registered
+
+
+def test_htc_config_is_the_large_architecture_in_the_detection_flavour():
+    with meta_device():
+        registered = vitadapter.create_model(
+            "uniperceiver_adapter_l", vit_feature_source="final", window_size=([14] * 5 + [None]) * 4
+        ).model_args
+        converted = ViTAdapter(**model_kwargs(HTC_L, "detection")).model_args
     assert converted == registered
 
 
@@ -202,3 +210,22 @@ def test_upernet_parameters_are_upstreams():
     upstream = encoder + adapter + heads
     assert ours == upstream - 8 * dim
     assert abs(upstream - 364e6) < 1e6, upstream  # the table's resolution
+
+
+def test_encoder_tag_loads_a_release_file(tmp_path):
+    """The ``uniperceiver_pt`` tags: a release-layout encoder file (unused parts included) through
+    create_model, shrunk; the trunk gets its weights, the adapter its fresh init."""
+    sd = random_encoder_state(48, 4, 224)
+    path = tmp_path / "uni-perceiver.pth"
+    torch.save(dict(sd, **{"visual_embed.embeddings_type.weight": torch.randn(1, 48)}), path)
+    shrink = dict(trunk_kwargs=dict(img_size=224, embed_dim=48, depth=4, num_heads=3), deform_num_heads=3, conv_inplane=8,
+                  interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], window_size=[7, None, 7, None])
+    model = vitadapter.create_model(
+        "uniperceiver_adapter_b_det.uniperceiver_pt", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **shrink
+    ).eval()
+    image = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        tokens, prefix, grid = model.trunk.embed(image)
+        tokens, _ = model.trunk.run(tokens, prefix, 0, 3, grid)
+        assert max_rel_err(tokens, reference_encoder(sd, 224, 3, [7, None, 7, None], image)) <= 1e-5
+        assert len(model(image)) == 4

@@ -80,7 +80,11 @@ def test_every_architecture_has_tags_and_defaults_to_its_imagenet_trunk():
         if not arch.startswith("vit_adapter_dino"):  # the DINO adapters' released heads are not ViT-Adapter's
             assert any(t.endswith(("_ade20k", "_coco", "_cocostuff10k")) for t in tags), arch
         default = timm.models.get_pretrained_cfg(arch)
-        assert default.hf_hub_id.startswith("timm/") and not default.url, arch
+        if arch.startswith("uniperceiver_"):  # not in timm's Hub: upstream's converted encoder release
+            assert default.url.startswith("https://github.com" + RELEASES + "/v0.3.1/uni-perceiver-"), arch
+            assert default.url.endswith("_converted.pth") and not default.hf_hub_id, arch
+        else:
+            assert default.hf_hub_id.startswith("timm/") and not default.url, arch
 
 
 def test_foundation_trunk_tags_are_the_trunks_own_timm_tags():
@@ -117,7 +121,7 @@ def test_trunk_tags_name_repos_in_timms_registry():
 def test_upstream_tags_are_release_files_with_the_right_flavour():
     for name in backbone_tags():
         cfg = timm.models.get_pretrained_cfg(name)
-        if cfg.hf_hub_id:  # ImageNet trunk tags
+        if cfg.hf_hub_id or cfg.tag == "uniperceiver_pt":  # ImageNet / pre-training trunk tags
             continue
         assert cfg.url.startswith("https://github.com" + RELEASES + "/")
         assert cfg.url.endswith((".pth", ".pth.tar", ".zip"))

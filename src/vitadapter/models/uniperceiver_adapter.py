@@ -1,11 +1,13 @@
 """ViT-Adapter-B and -L on Uni-Perceiver's encoder (timm ``VisionTransformer``, ``trunks.uniperceiver``).
 
 Upstream's ``UniPerceiverAdapter``: the adapter of its ViT-Adapter-B/L configs with torch's default
-LayerNorm (eps 1e-5) in the injectors and extractors, on a 224-px position table. Segmentation
-flavours add each interaction's ViT output to its level; ``_det`` flavours the final one, with 14-token
-windows except in the last block of each interaction (upstream's Mask R-CNN and HTC++ configs).
-Tags: upstream's converted Uni-Perceiver encoders (release v0.3.1, what its configs start from; a
-fresh adapter) and the backbone of its ADE20K UperNet release (heads dropped on load).
+LayerNorm (eps 1e-5) in the injectors and extractors, on a 224-px position table. The architectures
+are upstream's released configurations: -L in the segmentation forward (each interaction's ViT output
+joins its level; ADE20K UperNet) and -B in the detection forward (the final one, 14-token windows
+except in the last block of each interaction; COCO Mask R-CNN). Other sizes and flavours: keyword
+arguments, or ``load_upstream`` of the config. Tags: upstream's converted Uni-Perceiver encoders
+(release v0.3.1, what its configs start from; a fresh adapter) and the backbones of its dense
+releases (heads dropped on load).
 """
 from __future__ import annotations
 
@@ -26,15 +28,20 @@ _BASE = "v0.3.1/uni-perceiver-base-L12-H768-224size-torch-pretrained_converted.p
 _LARGE = "v0.3.1/uni-perceiver-large-L24-H1024-224size-pretrained_converted.pth"
 
 default_cfgs = generate_default_cfgs({
-    "uniperceiver_adapter_b.uniperceiver_pt": _encoder(_BASE, "detection/configs/mask_rcnn/README.md"),
     "uniperceiver_adapter_l.uniperceiver_pt": _encoder(_LARGE, "segmentation/README.md"),
     "uniperceiver_adapter_l.upernet_ade20k": _upstream(
         "v0.3.1/upernet_uniperceiver_adapter_large_512_160k_ade20k.pth",
         "segmentation/configs/ade20k/upernet_uniperceiver_adapter_large_512_160k_ade20k.py",
         "ADE20K val mIoU 55.0 (SS) / 55.4 (MS), UperNet 160k",
     ),
+    # upstream's detection README links v0.1.1/uniperceiver_pretrain.pth here; its Mask R-CNN README
+    # and config the v0.3.1 file
     "uniperceiver_adapter_b_det.uniperceiver_pt": _encoder(_BASE, "detection/configs/mask_rcnn/README.md"),
-    "uniperceiver_adapter_l_det.uniperceiver_pt": _encoder(_LARGE, "segmentation/README.md"),
+    "uniperceiver_adapter_b_det.mask_rcnn_coco": _upstream(
+        "v0.3.1/mask_rcnn_uniperceiver_adapter_base_fpn_3x_coco.pth",
+        "detection/configs/mask_rcnn/mask_rcnn_uniperceiver_adapter_base_fpn_3x_coco.py",
+        "COCO val box AP 51.2 / mask AP 45.3, Mask R-CNN 3x+MS",
+    ),
 })
 
 # upstream's configs: ViT-Adapter-B / -L adapters; the encoder's img_size keeps the class default 224
@@ -50,12 +57,6 @@ def _create(variant: str, size: dict[str, Any], pretrained: bool, kwargs: dict[s
 
 
 @register_model
-def uniperceiver_adapter_b(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-B on Uni-Perceiver-B, segmentation forward."""
-    return _create("uniperceiver_adapter_b", _B, pretrained, kwargs, drop_path_rate=0.2)
-
-
-@register_model
 def uniperceiver_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
     """ViT-Adapter-L on Uni-Perceiver-L, segmentation forward (upstream's ADE20K UperNet config)."""
     return _create("uniperceiver_adapter_l", _L, pretrained, kwargs, drop_path_rate=0.4)
@@ -65,9 +66,3 @@ def uniperceiver_adapter_l(pretrained: bool = False, **kwargs: Any) -> ViTAdapte
 def uniperceiver_adapter_b_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
     """ViT-Adapter-B on Uni-Perceiver-B, detection forward with windows (upstream's Mask R-CNN config)."""
     return _create("uniperceiver_adapter_b_det", _B, pretrained, kwargs, drop_path_rate=0.2, **_detection(12))
-
-
-@register_model
-def uniperceiver_adapter_l_det(pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    """ViT-Adapter-L on Uni-Perceiver-L, detection forward with windows (upstream's HTC++ config)."""
-    return _create("uniperceiver_adapter_l_det", _L, pretrained, kwargs, drop_path_rate=0.4, **_detection(24))
