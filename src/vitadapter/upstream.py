@@ -60,8 +60,8 @@ def load_upstream(
     ``codebase`` names the code the config comes from:
 
     - "segmentation" / "detection": upstream ViT-Adapter's ``model.backbone`` dict (``type``
-      ``ViTAdapter`` or ``BEiTAdapter``). The segmentation codebase adds each interaction's ViT
-      output to its pyramid level, the detection codebase the final one (and uses windows);
+      ``ViTAdapter``, ``BEiTAdapter`` or ``UniPerceiverAdapter``). The segmentation codebase adds each
+      interaction's ViT output to its pyramid level, the detection codebase the final one (and uses windows);
     - "dinov2": the kwargs of DINOv2's segmentation ``ViTAdapter``;
     - "dinov3": ``{"vit": DinoVisionTransformer kwargs, "adapter": DINOv3_Adapter kwargs}``.
 
@@ -292,8 +292,9 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], model: ViTAdapter) -> Conv
     """Any supported checkpoint layout -> a full state dict for ``model``.
 
     Layouts: vitadapter's own (``vit.*`` keys, as in ``model.safetensors``), upstream's (mm-style,
-    ``backbone.`` prefix, heads) and a timm checkpoint of the trunk's family (the trunk only: the
-    adapter keeps its fresh upstream initialisation).
+    ``backbone.`` prefix, heads; Uni-Perceiver's BERT names, whole backbones or upstream's converted
+    encoder files) and a timm checkpoint of the trunk's family (the trunk only: the adapter keeps its
+    fresh upstream initialisation).
     """
     state, dropped = _unwrap(_as_dict(checkpoint, "this checkpoint"))
     beit_state = any(".relative_position_bias_table" in k or k.endswith((".q_bias", ".v_bias")) for k in state)
