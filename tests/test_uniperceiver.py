@@ -229,3 +229,13 @@ def test_encoder_tag_loads_a_release_file(tmp_path):
         tokens, _ = model.trunk.run(tokens, prefix, 0, 3, grid)
         assert max_rel_err(tokens, reference_encoder(sd, 224, 3, [7, None, 7, None], image)) <= 1e-5
         assert len(model(image)) == 4
+
+
+def test_save_pretrained_rebuilds_the_uniperceiver_trunk_by_name(tmp_path):
+    meta, ckpt, io = load_fixture("det_uniperceiver")
+    model = vitadapter.load_upstream(meta["backbone"], meta["codebase"], ckpt).eval()
+    vitadapter.save_pretrained(model, tmp_path)
+    again = vitadapter.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert again.model_args["trunk"] == "vit_base_patch16_uniperceiver" and again.model_args["adapter_norm_eps"] == 1e-5
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(io["input"]), again(io["input"])))
