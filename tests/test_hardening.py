@@ -129,11 +129,11 @@ def fetch_release(url: str, cache: Path, **kwargs):
     "behaviour, env, kwargs, words",
     [
         # accepts the connection and never answers: nothing arrives within the stall window
-        ("stall", {STALL_ENV: "1"}, {}, "no data for 1 s|less than 64 KiB arrived in 1 s"),
+        ("stall", {STALL_ENV: "1"}, {}, "no data for 1 s|less than 64 KiB moved in 1 s"),
         # one byte every 50 ms, status line and headers included: too little in each window
-        ("trickle", {STALL_ENV: "1"}, {}, "less than 64 KiB arrived in 1 s"),
+        ("trickle", {STALL_ENV: "1"}, {}, "less than 64 KiB moved in 1 s"),
         # enough to pass the minimum-progress rule of a long window, but over the deadline
-        ("trickle", {STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole download"),
+        ("trickle", {STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole transfer"),
     ],
 )
 def test_stalled_and_trickling_release_servers_fail_within_the_limits(tmp_path, monkeypatch, behaviour, env, kwargs, words):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import vitadapter
 from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_rel_err
-from local_server import LocalServer
+from local_server import HubUploads, LocalServer
 from vitadapter import hub
 from vitadapter._meta import meta_device
 from vitadapter.cli import main
@@ -411,31 +411,77 @@ def test_pickled_meta_objects_are_read_without_running_code(tmp_path):
 # ---- push_to_hub ----------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch):
-    calls = []
+def hub_endpoint(monkeypatch, url: str) -> None:
+    """Point this process's huggingface_hub at ``url`` (it reads HF_ENDPOINT when imported)."""
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
 
-    class RecordingApi:
-        def __init__(self, token=None):
-            calls.append(("token", token))
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls.append(("create_repo", repo_id, private, exist_ok))
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-            return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+def tiny_folder(folder: Path) -> Path:
     model = vitadapter.create_model("vit_adapter_t", embed_dim=48, depth=4, num_heads=3, deform_num_heads=3)
-    url = vitadapter.push_to_hub(model, "me/tiny", private=True, token="secret")
-    assert url == "https://hub.example/me/tiny/commit/1"
-    assert calls == [
-        ("token", "secret"),
-        ("create_repo", "me/tiny", True, True),
-        ("upload_folder", "me/tiny", ["config.json", "model.safetensors"]),
-    ]
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        vitadapter.push_to_hub(tmp_path, "me/empty")
+    return hub.save_pretrained(model, folder)
+
+
+def test_push_to_hub_uploads_only_the_formats_files(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "notes.txt").write_text("private notes\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert hub.check_upload(folder) == [(n, (folder / n).stat().st_size) for n in ("config.json", "model.safetensors")]
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+        url = vitadapter.push_to_hub(folder, "me/tiny", private=True, token="hf_test")
+        assert server.calls == ["create", "preupload", "commit"]
+        assert (server.created["organization"], server.created["name"], server.created["visibility"]) == ("me", "tiny", "private")
+        assert server.authorization == {"Bearer hf_test"}
+        assert server.committed == {
+            n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+        assert url.startswith(server.url + "/me/tiny/commit/")
+        # a model is saved first, then pushed the same way
+        server.committed.clear()
+        vitadapter.push_to_hub(vitadapter.create_model(f"local-dir:{folder}", pretrained=True), "me/again")
+        assert sorted(server.committed) == ["config.json", "model.safetensors"]
+
+
+def test_push_to_hub_refuses_symlinks_and_folders_that_do_not_load(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    weights.rename(outside)
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+
+        def refused(error, words):
+            with pytest.raises(error, match=words):
+                vitadapter.push_to_hub(folder, "me/tiny")
+            with pytest.raises(error, match=words):
+                hub.check_upload(folder)
+
+        weights.symlink_to(outside)
+        refused(ValueError, "model.safetensors is a symlink")
+        weights.unlink()
+        tiny_timm_deit(weights)
+        refused(ValueError, "does not load into the vit_adapter_t")
+        weights.write_bytes(outside.read_bytes()[:-100])
+        refused(ValueError, "not a whole safetensors file")
+        weights.unlink()
+        refused(FileNotFoundError, "model.safetensors is missing")
+        outside.rename(weights)
+        saved = config.read_text()
+        config.unlink()
+        (tmp_path / "config.json").write_text(saved)
+        config.symlink_to(tmp_path / "config.json")
+        refused(ValueError, "config.json is a symlink")
+        config.unlink()
+        config.write_text(json.dumps({"architecture": "resnet50"}))
+        refused(ValueError, "resnet50.*not a vitadapter architecture")
+        config.write_text(json.dumps(dict(json.loads(saved), model_args=dict(json.loads(saved)["model_args"], depth=10**6))))
+        refused(ValueError, "depth")
+        refused_folder = tmp_path / "missing"
+        with pytest.raises(FileNotFoundError, match="is not a folder"):
+            vitadapter.push_to_hub(refused_folder, "me/tiny")
+        assert server.calls == []
 
 
 # ---- vitadapter convert --------------------------------------------------------------------------------
