@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -139,7 +140,11 @@ def _handler(server: LocalServer) -> type:
                 self.send_header(name, value)
             self.end_headers()
             if body:
-                self.wfile.write(content[: len(content) // 2] if path in server.truncate else content)
+                try:
+                    self.wfile.write(content[: len(content) // 2] if path in server.truncate else content)
+                except ConnectionError:  # a client that had its cached copy read the headers only
+                    self.close_connection = True
+                    return
                 self.close_connection = path in server.truncate
 
         def log_message(self, *args) -> None:  # requests are recorded, not printed
@@ -236,3 +241,53 @@ def _upload_handler(hub: HubUploads) -> type:
             pass
 
     return Handler
+
+
+def hub_endpoint(monkeypatch, url: str) -> None:
+    """Point this process's huggingface_hub at ``url`` for a test (it reads HF_ENDPOINT when imported)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+class SilentTLS:
+    """A TCP server on 127.0.0.1 that accepts connections and never completes a TLS handshake: it says
+    nothing, or with ``trickle`` sends the start of a TLS record (one that announces 16 KiB) one byte
+    every ``interval`` seconds and nothing more, so each read gets something and none gets enough."""
+
+    def __init__(self, trickle: bool = False, interval: float = 0.2):
+        self.trickle, self.interval = trickle, interval
+        self.closing = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "https://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> "SilentTLS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.closing.set()
+        self._listener.close()
+        self._thread.join(timeout=10)
+
+    def _accept(self) -> None:
+        while not self.closing.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        with conn:
+            record = b"\x16\x03\x03\x40\x00" + bytes(1 << 14) if self.trickle else b""
+            for i in range(len(record)):
+                if self.closing.wait(self.interval):
+                    return
+                try:
+                    conn.sendall(record[i : i + 1])
+                except OSError:  # the client gave up
+                    return
+            self.closing.wait()

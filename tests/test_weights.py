@@ -1,6 +1,7 @@
 """Pretrained weights: registered tags, local files, Hub folders, upstream releases, conversion, bad
 input and unpickling safety. Every download is served by tests/local_server.py on 127.0.0.1."""
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -18,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import vitadapter
 from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_rel_err
-from local_server import HubUploads, LocalServer
+import local_server
+from local_server import HubUploads, LocalServer, hub_endpoint
 from vitadapter import hub
 from vitadapter._meta import meta_device
 from vitadapter.cli import main
@@ -311,6 +313,116 @@ def test_hub_repo_and_timm_trunk_download_then_load_offline(tmp_path):
     assert message.startswith("FileNotFoundError") and "pretrained_cfg_overlay=dict(file=PATH)" in message
 
 
+TINY_HUB = "/org/tiny/resolve/main/"
+
+
+def tiny_hub_files(folder: Path) -> dict:
+    return {TINY_HUB + name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+def assert_same_weights(model, folder: Path) -> None:
+    saved = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_broken_hub_downloads_never_enter_the_cache_and_broken_cached_files_are_fetched_again(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    weights = files[TINY_HUB + "model.safetensors"]
+    cache = tmp_path / "cache"
+    load = functools.partial(vitadapter.create_model, "hf-hub:org/tiny", pretrained=True, cache_dir=cache)
+    # a cut file, then a captive portal's page, each sent under the real file's headers; then the file
+    lies = [weights[: len(weights) // 2], b"<html><body>Sign in to this network</body></html>"]
+    with LocalServer(files, lies={TINY_HUB + "model.safetensors": lies}) as server:
+        hub_endpoint(monkeypatch, server.url)
+        for _ in lies:
+            with pytest.raises(FileNotFoundError, match="weights of hf-hub:org/tiny@.*Hub repo org/tiny.*not cached"):
+                load()
+        assert_same_weights(load(), folder)
+    blobs = sorted((cache / "models--org--tiny" / "blobs").iterdir())
+    assert [b.name for b in blobs] == sorted(hashlib.sha256(b.read_bytes()).hexdigest() for b in blobs)
+
+    # a broken copy left in the cache (a cut file; a file of the right length that is not safetensors):
+    # fetched again, once, instead of failing on every load
+    blob = cache / "models--org--tiny" / "blobs" / hashlib.sha256(weights).hexdigest()
+    for broken in (weights[:1000], bytes(len(weights))):
+        blob.write_bytes(broken)
+        with LocalServer(files) as server:
+            hub_endpoint(monkeypatch, server.url)
+            assert_same_weights(load(), folder)
+            fetched = [path for _, path in server.requests if path.endswith("model.safetensors")]
+        assert len(fetched) == 1 and blob.read_bytes() == weights
+
+
+def test_a_hub_config_is_read_once_and_the_model_built_from_what_was_checked(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    checked = json.loads(files[TINY_HUB + "config.json"])
+    other = dict(checked, model_args=dict(checked["model_args"], depth=8, mlp_ratio=2.0))
+    changes = {TINY_HUB + "config.json": [files[TINY_HUB + "config.json"], json.dumps(other).encode()]}
+    with LocalServer(files, changes=changes) as server:
+        hub_endpoint(monkeypatch, server.url)
+        model = vitadapter.create_model("hf-hub:org/tiny", pretrained=True, cache_dir=tmp_path / "cache")
+    assert model.model_args == checked["model_args"]
+    assert_same_weights(model, folder)
+    paths = [path for _, path in server.requests]
+    assert paths.count(TINY_HUB + "config.json") == 1
+    # the weights of the commit the config came from
+    assert paths[-1] == f"/org/tiny/resolve/{local_server.COMMIT}/model.safetensors"
+
+
+def test_a_local_config_replaced_after_the_check_is_not_what_is_built(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    checked = json.loads((folder / "config.json").read_text())
+    check = hub.check_config
+
+    def check_then_replace(config, label):
+        architecture = check(config, label)
+        (folder / "config.json").write_text(json.dumps(dict(checked, model_args=dict(checked["model_args"], depth=64))))
+        return architecture
+
+    monkeypatch.setattr(hub, "check_config", check_then_replace)
+    model = vitadapter.create_model(f"local-dir:{folder}", pretrained=True)
+    assert model.model_args == checked["model_args"]
+    assert_same_weights(model, folder)
+
+
+def test_failed_hub_downloads_name_the_repository(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    del files[TINY_HUB + "model.safetensors"]
+    with LocalServer(files) as server:
+        hub_endpoint(monkeypatch, server.url)
+        with pytest.raises(FileNotFoundError) as weights_error:
+            vitadapter.create_model("hf-hub:org/tiny", pretrained=True, cache_dir=tmp_path / "cache")
+        with pytest.raises(FileNotFoundError) as config_error:
+            vitadapter.create_model("hf-hub:org/gone", pretrained=True, cache_dir=tmp_path / "cache")
+    tag = json.loads((folder / "config.json").read_text())["pretrained_cfg"].get("tag")
+    assert str(weights_error.value).startswith("cannot fetch the weights of hf-hub:org/tiny@")
+    assert "Hub repo org/tiny" in str(weights_error.value) and (not tag or tag not in str(weights_error.value))
+    assert str(config_error.value).startswith("cannot fetch config.json of hf-hub:org/gone from Hub repo org/gone")
+
+
+def test_push_command_says_what_it_uploads_and_refuses_by_name(tmp_path, monkeypatch, capsys):
+    folder = tiny_folder(tmp_path / "tiny")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+        assert main(["push", str(folder), "me/tiny"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == "uploading to me/tiny:"
+        assert out[1:3] == [f"  {folder / n} ({(folder / n).stat().st_size:,} bytes)" for n in ("config.json", "model.safetensors")]
+        assert out[3] == "  not uploaded (not part of the format): .env" and out[4].startswith("committed ")
+        assert sorted(server.committed) == ["config.json", "model.safetensors"]
+        (folder / "model.safetensors").rename(tmp_path / "weights")
+        (folder / "model.safetensors").symlink_to(tmp_path / "weights")
+        assert main(["push", str(folder), "me/tiny"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "model.safetensors is a symlink" in err[0] and "a bug" not in err[0]
+        assert server.calls == ["create", "preupload", "commit"]
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 
@@ -409,12 +521,6 @@ def test_pickled_meta_objects_are_read_without_running_code(tmp_path):
 
 
 # ---- push_to_hub ----------------------------------------------------------------------------------------
-
-
-def hub_endpoint(monkeypatch, url: str) -> None:
-    """Point this process's huggingface_hub at ``url`` (it reads HF_ENDPOINT when imported)."""
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
 
 
 def tiny_folder(folder: Path) -> Path:

@@ -424,7 +424,7 @@ def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], what: s
         # as huggingface_hub does, a Hub that cannot be reached (or sends a broken file) falls back on
         # the cached copy, if there is a whole one
         cached = _hub_cached(repo, filename, revision, cache)
-        if cached is None or not _looks_whole(cached, None):
+        if cached is None or not _looks_whole(cached, None, filename.endswith(".safetensors")):
             raise FileNotFoundError(_unavailable(what, f"Hub repo {repo} ({url})", e)) from e
         return cached
 
@@ -444,8 +444,9 @@ def _hub_download(url: str, repo: str, filename: str, revision: str, cache: Path
         commit, etag, size = _hub_version(transfer)
         pointer = storage / "snapshots" / commit / filename
         blob = storage / "blobs" / etag
-        if not _looks_whole(pointer, size):
-            if not _looks_whole(blob, size):
+        safetensors = filename.endswith(".safetensors")
+        if not _looks_whole(pointer, size, safetensors):
+            if not _looks_whole(blob, size, safetensors):
                 transfer.save(blob, check=lambda path: _check_blob(path, etag, size, url))
             if pointer.is_symlink() or pointer.exists():
                 pointer.unlink()  # a broken copy, or a link to another blob
@@ -491,12 +492,12 @@ def _check_blob(path: Path, etag: str, size: Optional[int], url: str) -> None:
         raise DownloadError(f"{url} sent a file whose hash {digest} is not its ETag {etag} (a proxy's page, or a cut file): not cached")
 
 
-def _looks_whole(path: Path, size: Optional[int]) -> bool:
+def _looks_whole(path: Path, size: Optional[int], safetensors: bool) -> bool:
     """Whether a cached file is there and, as far as a cheap look tells, whole: the announced length,
-    and for safetensors a header that parses and covers the file."""
+    and for ``safetensors`` a header that parses and covers the file."""
     if not path.is_file() or (size is not None and path.stat().st_size != size):
         return False
-    if path.suffix != ".safetensors":
+    if not safetensors:
         return True
     try:
         with safe_open(path, "pt"):
