@@ -4,9 +4,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +20,7 @@ from safetensors.torch import save_file
 
 import vitadapter
 from conftest import FIXTURES
-from local_server import LocalServer
+from local_server import HubUploads, LocalServer, SilentTLS, hub_endpoint
 from vitadapter import hub, upstream
 from vitadapter.cli import main
 from vitadapter.download import STALL_ENV, TIMEOUT_ENV, DownloadTimeout, Limits, download_limits
@@ -129,11 +131,11 @@ def fetch_release(url: str, cache: Path, **kwargs):
     "behaviour, env, kwargs, words",
     [
         # accepts the connection and never answers: nothing arrives within the stall window
-        ("stall", {STALL_ENV: "1"}, {}, "no data for 1 s|less than 64 KiB arrived in 1 s"),
+        ("stall", {STALL_ENV: "1"}, {}, "no data for 1 s|less than 64 KiB moved in 1 s"),
         # one byte every 50 ms, status line and headers included: too little in each window
-        ("trickle", {STALL_ENV: "1"}, {}, "less than 64 KiB arrived in 1 s"),
+        ("trickle", {STALL_ENV: "1"}, {}, "less than 64 KiB moved in 1 s"),
         # enough to pass the minimum-progress rule of a long window, but over the deadline
-        ("trickle", {STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole download"),
+        ("trickle", {STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole transfer"),
     ],
 )
 def test_stalled_and_trickling_release_servers_fail_within_the_limits(tmp_path, monkeypatch, behaviour, env, kwargs, words):
@@ -151,6 +153,82 @@ def test_stalled_and_trickling_release_servers_fail_within_the_limits(tmp_path, 
     seconds = float(re.search(r"stopped after ([0-9.]+) s", message)[1])
     assert limit <= seconds <= took
     assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+LIMITS = [
+    # nothing moves within the stall window
+    ({STALL_ENV: "1"}, {}, "less than 64 KiB moved in 1 s|no data for 1 s"),
+    # a long stall window, but over the deadline
+    ({STALL_ENV: "60"}, dict(timeout=1.5), "over the 1.5 s limit for the whole transfer"),
+]
+
+
+@pytest.fixture
+def hanging_lookup(monkeypatch):
+    """Name lookups of hosts ending in '.example' hang (as a dead resolver does) until the test ends."""
+    released = threading.Event()
+    lookup = socket.getaddrinfo
+
+    def hang(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".example"):
+            released.wait(120)
+            raise socket.gaierror(f"{host}: the test's resolver gave up")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hang)
+    yield
+    released.set()
+
+
+@pytest.mark.parametrize("env, kwargs, words", LIMITS)
+def test_a_name_lookup_that_hangs_is_cut_by_the_limits(tmp_path, monkeypatch, hanging_lookup, env, kwargs, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    error, _ = fetch_release("http://releases.example" + RELEASE, tmp_path / "cache", **kwargs)
+    assert isinstance(error.__cause__, DownloadTimeout), error
+    assert "while looking up the address of releases.example" in str(error) and re.search(words, str(error))
+
+
+@pytest.mark.parametrize("trickle, env, kwargs, words", [
+    # says nothing: before, the per-read timeout (the 60 s window) was all that bounded the handshake
+    (False, *LIMITS[1]),
+    # sends a byte at a time: before, every read got one and the handshake never ended
+    (True, *LIMITS[0]),
+])
+def test_a_tls_handshake_that_never_completes_is_cut_by_the_limits(tmp_path, monkeypatch, trickle, env, kwargs, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with SilentTLS(trickle=trickle) as server:
+        error, _ = fetch_release(server.url + RELEASE, tmp_path / "cache", **kwargs)
+    assert isinstance(error.__cause__, DownloadTimeout), error
+    assert server.url + RELEASE in str(error) and re.search(words, str(error)), error
+
+
+def tiny_hub_folder(folder: Path) -> Path:
+    model = vitadapter.create_model("vit_adapter_t", embed_dim=48, depth=4, num_heads=3, deform_num_heads=3)
+    return hub.save_pretrained(model, folder)
+
+
+@pytest.mark.parametrize("stall", ["create", "commit"])
+@pytest.mark.parametrize("env, kwargs, words", LIMITS)
+def test_a_hub_that_stalls_an_upload_is_cut_by_the_limits(tmp_path, monkeypatch, stall, env, kwargs, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    folder = tiny_hub_folder(tmp_path / "tiny")
+    with HubUploads(stall=[stall]) as server:
+        hub_endpoint(monkeypatch, server.url)
+        with pytest.raises(DownloadTimeout) as caught:
+            vitadapter.push_to_hub(folder, "me/tiny", **kwargs)
+        assert server.calls[-1] == stall and server.committed == {}
+    message = str(caught.value)
+    assert message.startswith("upload to me/tiny stopped after") and re.search(words, message), message
+
+
+def test_an_upload_whose_name_lookup_hangs_is_cut_by_the_limits(tmp_path, monkeypatch, hanging_lookup):
+    monkeypatch.setenv(STALL_ENV, "1")
+    hub_endpoint(monkeypatch, "http://hub.example")
+    with pytest.raises(DownloadTimeout, match="upload to me/tiny .* while looking up the address of hub.example"):
+        vitadapter.push_to_hub(tiny_hub_folder(tmp_path / "tiny"), "me/tiny")
 
 
 # Loads in a fresh interpreter, as huggingface_hub reads HF_ENDPOINT when imported; prints what it raised.

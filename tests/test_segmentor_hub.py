@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import vitadapter
 from conftest import FIXTURES, load_fixture, max_rel_err
-from local_server import LocalServer
+from local_server import HubUploads, LocalServer, hub_endpoint
 from vitadapter import hub
 from vitadapter.cli import main
 from vitadapter.data import ade20k, cityscapes
@@ -181,21 +181,11 @@ print(",".join(model.class_names))
 
 def test_push_to_hub_uploads_a_segmentor_that_loads_back_from_the_hub(tmp_path, monkeypatch):
     model = randomised(vitadapter.create_model("upernet_vit_adapter_t", **TINY_UPERNET))
-    uploaded = {}
-
-    class RecordingApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            pass
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            uploaded.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
-            return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
-    assert vitadapter.push_to_hub(model, "vitadapter-test/tiny-upernet") == "https://hub.example/vitadapter-test/tiny-upernet/commit/1"
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+        url = vitadapter.push_to_hub(model, "vitadapter-test/tiny-upernet")
+    assert url.startswith(server.url + "/vitadapter-test/tiny-upernet/commit/")
+    uploaded = server.committed
     assert sorted(uploaded) == ["config.json", "model.safetensors"]
 
     # what was uploaded, served by a stand-in Hub to a fresh interpreter (the Hub client reads

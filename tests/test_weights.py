@@ -1,6 +1,7 @@
 """Pretrained weights: registered tags, local files, Hub folders, upstream releases, conversion, bad
 input and unpickling safety. Every download is served by tests/local_server.py on 127.0.0.1."""
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -18,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import vitadapter
 from conftest import FIXTURES, backbone_archs, backbone_tags, load_fixture, max_rel_err
-from local_server import LocalServer
+import local_server
+from local_server import HubUploads, LocalServer, hub_endpoint
 from vitadapter import hub
 from vitadapter._meta import meta_device
 from vitadapter.cli import main
@@ -315,6 +317,116 @@ def test_hub_repo_and_timm_trunk_download_then_load_offline(tmp_path):
     assert message.startswith("FileNotFoundError") and "pretrained_cfg_overlay=dict(file=PATH)" in message
 
 
+TINY_HUB = "/org/tiny/resolve/main/"
+
+
+def tiny_hub_files(folder: Path) -> dict:
+    return {TINY_HUB + name: (folder / name).read_bytes() for name in ("config.json", "model.safetensors")}
+
+
+def assert_same_weights(model, folder: Path) -> None:
+    saved = load_file(folder / "model.safetensors")
+    state = model.state_dict()
+    assert sorted(state) == sorted(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_broken_hub_downloads_never_enter_the_cache_and_broken_cached_files_are_fetched_again(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    weights = files[TINY_HUB + "model.safetensors"]
+    cache = tmp_path / "cache"
+    load = functools.partial(vitadapter.create_model, "hf-hub:org/tiny", pretrained=True, cache_dir=cache)
+    # a cut file, then a captive portal's page, each sent under the real file's headers; then the file
+    lies = [weights[: len(weights) // 2], b"<html><body>Sign in to this network</body></html>"]
+    with LocalServer(files, lies={TINY_HUB + "model.safetensors": lies}) as server:
+        hub_endpoint(monkeypatch, server.url)
+        for _ in lies:
+            with pytest.raises(FileNotFoundError, match="weights of hf-hub:org/tiny@.*Hub repo org/tiny.*not cached"):
+                load()
+        assert_same_weights(load(), folder)
+    blobs = sorted((cache / "models--org--tiny" / "blobs").iterdir())
+    assert [b.name for b in blobs] == sorted(hashlib.sha256(b.read_bytes()).hexdigest() for b in blobs)
+
+    # a broken copy left in the cache (a cut file; a file of the right length that is not safetensors):
+    # fetched again, once, instead of failing on every load
+    blob = cache / "models--org--tiny" / "blobs" / hashlib.sha256(weights).hexdigest()
+    for broken in (weights[:1000], bytes(len(weights))):
+        blob.write_bytes(broken)
+        with LocalServer(files) as server:
+            hub_endpoint(monkeypatch, server.url)
+            assert_same_weights(load(), folder)
+            fetched = [path for _, path in server.requests if path.endswith("model.safetensors")]
+        assert len(fetched) == 1 and blob.read_bytes() == weights
+
+
+def test_a_hub_config_is_read_once_and_the_model_built_from_what_was_checked(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    checked = json.loads(files[TINY_HUB + "config.json"])
+    other = dict(checked, model_args=dict(checked["model_args"], depth=8, mlp_ratio=2.0))
+    changes = {TINY_HUB + "config.json": [files[TINY_HUB + "config.json"], json.dumps(other).encode()]}
+    with LocalServer(files, changes=changes) as server:
+        hub_endpoint(monkeypatch, server.url)
+        model = vitadapter.create_model("hf-hub:org/tiny", pretrained=True, cache_dir=tmp_path / "cache")
+    assert model.model_args == checked["model_args"]
+    assert_same_weights(model, folder)
+    paths = [path for _, path in server.requests]
+    assert paths.count(TINY_HUB + "config.json") == 1
+    # the weights of the commit the config came from
+    assert paths[-1] == f"/org/tiny/resolve/{local_server.COMMIT}/model.safetensors"
+
+
+def test_a_local_config_replaced_after_the_check_is_not_what_is_built(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    checked = json.loads((folder / "config.json").read_text())
+    check = hub.check_config
+
+    def check_then_replace(config, label):
+        architecture = check(config, label)
+        (folder / "config.json").write_text(json.dumps(dict(checked, model_args=dict(checked["model_args"], depth=64))))
+        return architecture
+
+    monkeypatch.setattr(hub, "check_config", check_then_replace)
+    model = vitadapter.create_model(f"local-dir:{folder}", pretrained=True)
+    assert model.model_args == checked["model_args"]
+    assert_same_weights(model, folder)
+
+
+def test_failed_hub_downloads_name_the_repository(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    files = tiny_hub_files(folder)
+    del files[TINY_HUB + "model.safetensors"]
+    with LocalServer(files) as server:
+        hub_endpoint(monkeypatch, server.url)
+        with pytest.raises(FileNotFoundError) as weights_error:
+            vitadapter.create_model("hf-hub:org/tiny", pretrained=True, cache_dir=tmp_path / "cache")
+        with pytest.raises(FileNotFoundError) as config_error:
+            vitadapter.create_model("hf-hub:org/gone", pretrained=True, cache_dir=tmp_path / "cache")
+    tag = json.loads((folder / "config.json").read_text())["pretrained_cfg"].get("tag")
+    assert str(weights_error.value).startswith("cannot fetch the weights of hf-hub:org/tiny@")
+    assert "Hub repo org/tiny" in str(weights_error.value) and (not tag or tag not in str(weights_error.value))
+    assert str(config_error.value).startswith("cannot fetch config.json of hf-hub:org/gone from Hub repo org/gone")
+
+
+def test_push_command_says_what_it_uploads_and_refuses_by_name(tmp_path, monkeypatch, capsys):
+    folder = tiny_folder(tmp_path / "tiny")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+        assert main(["push", str(folder), "me/tiny"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == "uploading to me/tiny:"
+        assert out[1:3] == [f"  {folder / n} ({(folder / n).stat().st_size:,} bytes)" for n in ("config.json", "model.safetensors")]
+        assert out[3] == "  not uploaded (not part of the format): .env" and out[4].startswith("committed ")
+        assert sorted(server.committed) == ["config.json", "model.safetensors"]
+        (folder / "model.safetensors").rename(tmp_path / "weights")
+        (folder / "model.safetensors").symlink_to(tmp_path / "weights")
+        assert main(["push", str(folder), "me/tiny"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "model.safetensors is a symlink" in err[0] and "a bug" not in err[0]
+        assert server.calls == ["create", "preupload", "commit"]
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 
@@ -415,31 +527,71 @@ def test_pickled_meta_objects_are_read_without_running_code(tmp_path):
 # ---- push_to_hub ----------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch):
-    calls = []
-
-    class RecordingApi:
-        def __init__(self, token=None):
-            calls.append(("token", token))
-
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls.append(("create_repo", repo_id, private, exist_ok))
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-            return type("Commit", (), {"commit_url": f"https://hub.example/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+def tiny_folder(folder: Path) -> Path:
     model = vitadapter.create_model("vit_adapter_t", embed_dim=48, depth=4, num_heads=3, deform_num_heads=3)
-    url = vitadapter.push_to_hub(model, "me/tiny", private=True, token="secret")
-    assert url == "https://hub.example/me/tiny/commit/1"
-    assert calls == [
-        ("token", "secret"),
-        ("create_repo", "me/tiny", True, True),
-        ("upload_folder", "me/tiny", ["config.json", "model.safetensors"]),
-    ]
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        vitadapter.push_to_hub(tmp_path, "me/empty")
+    return hub.save_pretrained(model, folder)
+
+
+def test_push_to_hub_uploads_only_the_formats_files(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "notes.txt").write_text("private notes\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert hub.check_upload(folder) == [(n, (folder / n).stat().st_size) for n in ("config.json", "model.safetensors")]
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+        url = vitadapter.push_to_hub(folder, "me/tiny", private=True, token="hf_test")
+        assert server.calls == ["create", "preupload", "commit"]
+        assert (server.created["organization"], server.created["name"], server.created["visibility"]) == ("me", "tiny", "private")
+        assert server.authorization == {"Bearer hf_test"}
+        assert server.committed == {
+            n: (folder / n).read_bytes() for n in ("config.json", "model.safetensors")}
+        assert url.startswith(server.url + "/me/tiny/commit/")
+        # a model is saved first, then pushed the same way
+        server.committed.clear()
+        vitadapter.push_to_hub(vitadapter.create_model(f"local-dir:{folder}", pretrained=True), "me/again")
+        assert sorted(server.committed) == ["config.json", "model.safetensors"]
+
+
+def test_push_to_hub_refuses_symlinks_and_folders_that_do_not_load(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path / "tiny")
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    weights.rename(outside)
+    with HubUploads() as server:
+        hub_endpoint(monkeypatch, server.url)
+
+        def refused(error, words):
+            with pytest.raises(error, match=words):
+                vitadapter.push_to_hub(folder, "me/tiny")
+            with pytest.raises(error, match=words):
+                hub.check_upload(folder)
+
+        weights.symlink_to(outside)
+        refused(ValueError, "model.safetensors is a symlink")
+        weights.unlink()
+        tiny_timm_deit(weights)
+        refused(ValueError, "does not load into the vit_adapter_t")
+        weights.write_bytes(outside.read_bytes()[:-100])
+        refused(ValueError, "not a whole safetensors file")
+        weights.unlink()
+        refused(FileNotFoundError, "model.safetensors is missing")
+        outside.rename(weights)
+        saved = config.read_text()
+        config.unlink()
+        (tmp_path / "config.json").write_text(saved)
+        config.symlink_to(tmp_path / "config.json")
+        refused(ValueError, "config.json is a symlink")
+        config.unlink()
+        config.write_text(json.dumps({"architecture": "resnet50"}))
+        refused(ValueError, "resnet50.*not a vitadapter architecture")
+        config.write_text(json.dumps(dict(json.loads(saved), model_args=dict(json.loads(saved)["model_args"], depth=10**6))))
+        refused(ValueError, "depth")
+        refused_folder = tmp_path / "missing"
+        with pytest.raises(FileNotFoundError, match="is not a folder"):
+            vitadapter.push_to_hub(refused_folder, "me/tiny")
+        assert server.calls == []
 
 
 # ---- vitadapter convert --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from timm.models import parse_model_name
 from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
-from .config_checks import check_config_json
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -39,14 +38,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
     source, _ = parse_model_name(name)
     if source is not None:
-        config = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
-        architecture = config.get("architecture")
-        if not isinstance(architecture, str) or architecture not in list_models():
-            known = ", ".join(list_models())
-            raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
-        segmentor = architecture in list_models_of(models.SEGMENTOR_MODULES)
-        check_config_json(config, f"{name} {hub.CONFIG_NAME}", segmentor=segmentor)
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        # read once: the model is built from the dict that was checked, not from a second read
+        config, origin = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
+        hub.check_config(config, f"{name} {hub.CONFIG_NAME}")
+        return hub.create_from_config(config, origin, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():
         raise ValueError(f"unknown model name {name!r}; available: {', '.join(list_models())}")

@@ -830,6 +830,25 @@ def _export_onnx(args: argparse.Namespace) -> int:
 _MIN_ONNX_SIZE = 32
 
 
+# ---- push ---------------------------------------------------------------------------------------------
+
+
+def _push(args: argparse.Namespace) -> int:
+    from . import hub
+
+    folder = Path(args.folder)
+    files = hub.check_upload(folder)
+    print(f"uploading to {args.repo}:")
+    for name, size in files:
+        print(f"  {folder / name} ({size:,} bytes)")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in hub.UPLOADED)
+    if others:
+        print(f"  not uploaded (not part of the format): {', '.join(others)}")
+    url = hub.push_to_hub(folder, args.repo, private=True if args.private else None)
+    print(f"committed {url}")
+    return 0
+
+
 # ---- the parser and the entry point -------------------------------------------------------------------
 
 
@@ -924,6 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available; torchrun: each process's GPU)")
     p.set_defaults(run=_train_seg)
+
+    p = _subcommand(sub, "push", "upload a folder of config.json + model.safetensors (convert, save_pretrained) to a Hub model repo")
+    p.add_argument("folder", help="the folder; only its config.json and model.safetensors are uploaded, once checked to load")
+    p.add_argument("repo", help="Hub model repo, org/name (created if needed; the token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.set_defaults(run=_push)
 
     p = _subcommand(sub, "export-onnx", "write a model as an ONNX file (dynamic batch, height and width)")
     p.add_argument("model", help="model name (or name.tag, local-dir:, hf-hub:), see `vitadapter list`")

@@ -10,27 +10,37 @@ are downloaded into a cache once and converted on load (conversion lives in ``up
 """
 from __future__ import annotations
 
+import copy
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, BinaryIO, Iterator, Mapping, Optional, Union
 
+import timm
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers
-from safetensors import SafetensorError
+from huggingface_hub.utils.sha import git_hash, sha_fileobj
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
+from timm.models._hub import _parse_model_cfg
 
+from ._meta import meta_device
+from .config_checks import check_config_json
+from .download import DownloadError, Limits, Transfer, bounded_hub_calls, download_limits, open_url
+from .models import FAMILY_MODULES, SEGMENTOR_MODULES
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
-from .download import DownloadError, Limits, Transfer, download_limits, open_url
 from .staging import remove_stale, write_atomically
 from .upstream import Conversion, load_checkpoint, read_checkpoint
 
@@ -38,6 +48,10 @@ PathLike = Union[str, os.PathLike]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# what push_to_hub uploads from a folder: the format's files, nothing else that happens to be there
+UPLOADED = (CONFIG_NAME, WEIGHTS_NAME)
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; this is not one
+MAX_GIT_FILE = 50 << 20  # the Hub keeps files over 10 MB in LFS (sha256 ETags); git's hash reads it whole
 # pretrained_cfg entries config.json leaves out: where the weights came from (misleading once they sit
 # in a new folder), and the architecture, which timm's layout keeps at the top level
 _NOT_SAVED = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture")
@@ -126,8 +140,6 @@ def segmentor_config(segmentor: Segmentor, pretrained_cfg: Optional[Mapping[str,
 def _check_rebuilds(segmentor: Segmentor, architecture: str, model_args: Mapping[str, Any]) -> None:
     """Build ``architecture`` from ``model_args`` without memory (meta tensors) and compare its state
     dict, key by key and shape by shape, with ``segmentor``'s."""
-    import timm
-
     with torch.device("meta"):
         rebuilt = timm.create_model(architecture, **model_args).state_dict()
     own = segmentor.state_dict()
@@ -151,18 +163,55 @@ def _saved_cfg(cfg: dict[str, Any], overrides: Optional[Mapping[str, Any]]) -> d
     return cfg
 
 
-def read_config(name: str, cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None) -> dict[str, Any]:
+def read_config(
+    name: str, cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``config.json`` behind ``local-dir:FOLDER`` or ``hf-hub:org/name`` (Hub files are cached;
-    ``timeout``: seconds for the download, see ``vitadapter.download``)."""
+    ``timeout``: seconds for the download, see ``vitadapter.download``), and where its weights are:
+    the folder, or the Hub repo at the commit this config.json came from (``hf_hub_id`` "org/name@COMMIT"),
+    so that the weights and the config are of one version."""
     source, location = parse_model_name(name)
     if source == "local-dir":
         path = Path(location) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{location} has no {CONFIG_NAME} (vitadapter.save_pretrained writes one)")
+        origin = {"file": location, "source": "local-dir"}
     else:
-        path = _from_hub(location, CONFIG_NAME, cache_dir, name, timeout)
+        path = _from_hub(location, CONFIG_NAME, cache_dir, f"{CONFIG_NAME} of {name}", timeout)
+        # the cache keeps every file at snapshots/COMMIT/FILE
+        origin = {"hf_hub_id": f"{location.partition('@')[0]}@{path.parent.name}", "source": "hf-hub"}
+    return _parse_json(path.read_bytes(), path), origin
+
+
+def check_config(config: Mapping[str, Any], label: str) -> str:
+    """Check a folder's ``config.json`` content (``label`` names it in errors) before anything is built:
+    a registered vitadapter architecture with valid arguments. Returns the architecture."""
+    architecture = config.get("architecture")
+    known = sorted({n for module in FAMILY_MODULES for n in timm.list_models(module=module)})
+    if not isinstance(architecture, str) or architecture not in known:
+        raise ValueError(f"{label} describes a {architecture!r} model, not a vitadapter architecture ({', '.join(known)})")
+    segmentor = architecture in {n for module in SEGMENTOR_MODULES for n in timm.list_models(module=module)}
+    check_config_json(config, label, segmentor=segmentor)
+    return architecture
+
+
+def create_from_config(
+    config: Mapping[str, Any], origin: Mapping[str, Any], pretrained: bool = False, **kwargs: Any
+) -> torch.nn.Module:
+    """Build the model ``config`` (checked with ``check_config``) describes, its weights from ``origin``
+    (``read_config``'s), with ``kwargs`` over its arguments: what ``timm.create_model("hf-hub:...")``
+    does, from this very dict rather than from a second read of the file."""
+    pretrained_cfg, architecture, model_args = _parse_model_cfg(copy.deepcopy(dict(config)), dict(origin))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return timm.create_model(
+        architecture, pretrained=pretrained, pretrained_cfg=pretrained_cfg, pretrained_model_args=dict(model_args),
+        **{**model_args, **kwargs},
+    )
+
+
+def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid config.json ({e})") from e
     if not isinstance(config, dict):
@@ -193,7 +242,8 @@ def fetch_weights(
     hub_id, file, url = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("file"), pretrained_cfg.get("url")
     filename = pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME
     if hub_id and pretrained_cfg.get("source") == "hf-hub":
-        return _from_hub(hub_id, filename, cache_dir, name, timeout)
+        # a Hub folder's config keeps the tag it was saved from: the repo is what failed
+        return _from_hub(hub_id, filename, cache_dir, f"the weights of hf-hub:{hub_id}", timeout)
     if file:
         path = Path(file)
         path = path / WEIGHTS_NAME if path.is_dir() else path
@@ -201,9 +251,9 @@ def fetch_weights(
             raise FileNotFoundError(f"no weights file at {path} (given for {name})")
         return path
     if hub_id:
-        return _from_hub(hub_id, filename, cache_dir, name, timeout)
+        return _from_hub(hub_id, filename, cache_dir, f"the weights of {name}", timeout)
     if url:
-        return _from_url(url, cache_dir, name, timeout)
+        return _from_url(url, cache_dir, f"the weights of {name}", timeout)
     raise ValueError(f"no pretrained weights are registered for {name}; pass pretrained_cfg_overlay=dict(file=PATH)")
 
 
@@ -227,21 +277,113 @@ def push_to_hub(
     private: Optional[bool] = None,
     token: Optional[str] = None,
     commit_message: str = "Upload vitadapter model",
+    timeout: Optional[float] = None,
 ) -> str:
     """Upload a ``save_pretrained`` folder (or a model, saved first) to Hub repo ``repo_id``, creating
-    the repo if needed; returns the commit URL."""
+    the repo if needed; returns the commit URL.
+
+    Only the format's files go (``UPLOADED``: config.json and model.safetensors; nothing else in the
+    folder), each a regular file opened without following a symlink, and only once the folder is
+    checked to load (``check_upload``). The upload runs under the download limits: ``timeout``
+    seconds overall ($VITADAPTER_DOWNLOAD_TIMEOUT) and the minimum-progress rule
+    ($VITADAPTER_DOWNLOAD_STALL), see ``vitadapter.download``.
+    """
     if isinstance(model_or_folder, torch.nn.Module):
         with tempfile.TemporaryDirectory() as folder:
             save_pretrained(model_or_folder, folder)
-            return push_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
-    folder = Path(model_or_folder)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: write it with vitadapter.save_pretrained")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+            return push_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message, timeout=timeout)
+    limits = download_limits(timeout)
+    with _checked_upload(Path(model_or_folder)) as (config, weights):
+        # file objects, not paths: what is sent is what was opened and checked (huggingface_hub
+        # sends them over HTTP, under the limits, where a path would go to hf_xet, outside them)
+        operations = [CommitOperationAdd(CONFIG_NAME, config), CommitOperationAdd(WEIGHTS_NAME, weights)]
+        api = HfApi(token=token)
+        with bounded_hub_calls(f"upload to {repo_id}", limits), _no_fallback_notice():
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            commit = api.create_commit(repo_id, operations, commit_message=commit_message)
     return commit.commit_url
+
+
+def check_upload(folder: PathLike) -> list[tuple[str, int]]:
+    """The files ``push_to_hub(folder, ...)`` uploads, with their sizes in bytes, once the folder is
+    checked to load: config.json names a registered architecture with valid arguments, and the
+    weights' header holds the keys and shapes of that model (built on the meta device, no memory).
+    Raises ``FileNotFoundError``/``ValueError`` naming what is wrong."""
+    with _checked_upload(Path(folder)) as (config, weights):
+        return [(CONFIG_NAME, len(config)), (WEIGHTS_NAME, os.fstat(weights.fileno()).st_size)]
+
+
+@contextmanager
+def _checked_upload(folder: Path) -> Iterator[tuple[bytes, BinaryIO]]:
+    """(config.json's bytes, model.safetensors opened) from ``folder``, checked as ``check_upload`` says."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: push_to_hub uploads one written by vitadapter.save_pretrained")
+    with _open_regular(folder / CONFIG_NAME) as f:
+        config = f.read(MAX_CONFIG_BYTES + 1)
+    if len(config) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{folder / CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes: not a vitadapter config.json")
+    parsed = _parse_json(config, folder / CONFIG_NAME)
+    architecture = check_config(parsed, str(folder / CONFIG_NAME))
+    model_args = parsed.get("model_args") or {}
+    with meta_device():
+        expected = {k: tuple(v.shape) for k, v in timm.create_model(architecture, **model_args).state_dict().items()}
+    with _open_regular(folder / WEIGHTS_NAME) as weights:
+        found = _safetensors_shapes(folder / WEIGHTS_NAME, weights)
+        differ = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        if differ:
+            shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} does not load into the {architecture} its {CONFIG_NAME} describes: "
+                f"{shown} differ (missing, unexpected or of another shape)"
+            )
+        yield config, weights
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file and not a symlink (refused, by name, otherwise)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: write the folder with vitadapter.save_pretrained") from None
+    except OSError as e:
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symlink: push_to_hub uploads regular files only, never what a link points at") from e
+        raise
+    f = os.fdopen(fd, "rb")
+    if path.is_symlink() or not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file: push_to_hub uploads regular files only, never through a symlink")
+    return f
+
+
+def _safetensors_shapes(path: Path, opened: BinaryIO) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in the safetensors file ``opened`` (at ``path``), read by safetensors from
+    the path after checking that the path still names the opened file."""
+    own = os.fstat(opened.fileno())
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"{path} is not a whole safetensors file ({e})") from e
+    now = os.stat(path, follow_symlinks=False)
+    if (now.st_dev, now.st_ino) != (own.st_dev, own.st_ino):
+        raise ValueError(f"{path} was replaced while it was being checked; push again")
+    return shapes
+
+
+@contextmanager
+def _no_fallback_notice() -> Iterator[None]:
+    """Silence huggingface_hub's warning that file objects go over HTTP rather than hf_xet: it is meant."""
+    logger = logging.getLogger("huggingface_hub._commit_api")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "not supported by Xet Storage" not in record.getMessage()
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _has_safetensors_header(path: Path) -> bool:
@@ -251,18 +393,19 @@ def _has_safetensors_header(path: Path) -> bool:
     return len(start) == 9 and start[8:] == b"{"
 
 
-def _unavailable(name: str, where: str, error: Any) -> str:
+def _unavailable(what: str, where: str, error: Any) -> str:
     return (
-        f"cannot fetch the weights of {name} from {where} ({error}). Without network access (or with "
+        f"cannot fetch {what} from {where} ({error}). Without network access (or with "
         "HF_HUB_OFFLINE=1) and nothing cached, download that file on another machine and pass it: "
         "create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
     )
 
 
-def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], name: str, timeout: Optional[float]) -> Path:
+def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], what: str, timeout: Optional[float]) -> Path:
     """A Hub file, kept in huggingface_hub's cache layout (so the Hub client, timm and
     ``HF_HUB_OFFLINE=1`` find it) but fetched by vitadapter's bounded download: ``hf_hub_download``
-    retries for minutes against a server that accepts connections and never answers."""
+    retries for minutes against a server that accepts connections and never answers. ``what``
+    ("the weights of hf-hub:org/name") names the file in errors."""
     repo, _, revision = hub_id.partition("@")
     revision = revision or constants.DEFAULT_REVISION
     _check_repo_path(filename, "file name")
@@ -273,31 +416,40 @@ def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], name: s
     if constants.HF_HUB_OFFLINE:
         cached = _hub_cached(repo, filename, revision, cache)
         if cached is None:
-            raise FileNotFoundError(_unavailable(name, url, "offline mode, and no cached copy"))
+            raise FileNotFoundError(_unavailable(what, f"Hub repo {repo} ({url})", "offline mode, and no cached copy"))
         return cached
     try:
         return _hub_download(url, repo, filename, revision, cache, limits)
     except (OSError, http.client.HTTPException) as e:
-        # as huggingface_hub does, a Hub that cannot be reached falls back on the cached copy
+        # as huggingface_hub does, a Hub that cannot be reached (or sends a broken file) falls back on
+        # the cached copy, if there is a whole one
         cached = _hub_cached(repo, filename, revision, cache)
-        if cached is None:
-            raise FileNotFoundError(_unavailable(name, url, e)) from e
+        if cached is None or not _looks_whole(cached, None, filename.endswith(".safetensors")):
+            raise FileNotFoundError(_unavailable(what, f"Hub repo {repo} ({url})", e)) from e
         return cached
 
 
 def _hub_download(url: str, repo: str, filename: str, revision: str, cache: Path, limits: Limits) -> Path:
     """Download into the cache as huggingface_hub lays it out: ``blobs/ETAG``, a relative symlink to it
-    at ``snapshots/COMMIT/FILE`` and ``refs/REVISION`` holding the commit."""
+    at ``snapshots/COMMIT/FILE`` and ``refs/REVISION`` holding the commit.
+
+    What enters the cache has the length and the hash (the ETag: sha256 for large files, git's sha1
+    for others) the Hub announced; a cached copy that does not look whole (another length than the
+    Hub's, or a safetensors file whose header does not cover it, as a cut download or a captive
+    portal's page left by another tool) is downloaded again instead of being kept."""
     storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
     headers = build_hf_headers()
     token = {k: headers.pop(k) for k in list(headers) if k.lower() == "authorization"}
     with open_url(url, limits, headers=headers, private_headers=token) as transfer:
-        commit, etag = _hub_version(transfer)
+        commit, etag, size = _hub_version(transfer)
         pointer = storage / "snapshots" / commit / filename
-        if not pointer.is_file():
-            blob = storage / "blobs" / etag
-            if not blob.is_file():
-                transfer.save(blob)
+        blob = storage / "blobs" / etag
+        safetensors = filename.endswith(".safetensors")
+        if not _looks_whole(pointer, size, safetensors):
+            if not _looks_whole(blob, size, safetensors):
+                transfer.save(blob, check=lambda path: _check_blob(path, etag, size, url))
+            if pointer.is_symlink() or pointer.exists():
+                pointer.unlink()  # a broken copy, or a link to another blob
             _link(blob, pointer)
     if revision != commit:
         ref = storage / "refs" / revision
@@ -306,21 +458,52 @@ def _hub_download(url: str, repo: str, filename: str, revision: str, cache: Path
     return pointer
 
 
-def _hub_version(transfer: Transfer) -> tuple[str, str]:
-    """(commit, blob id) of a Hub file, from the Hub's own response: for large files, the redirect to
-    the storage host, whose ``X-Linked-Etag`` names the blob."""
+def _hub_version(transfer: Transfer) -> tuple[str, str, Optional[int]]:
+    """(commit, blob id, size if announced) of a Hub file, from the Hub's own response: for large files,
+    the redirect to the storage host, whose ``X-Linked-Etag`` and ``X-Linked-Size`` describe the blob."""
     for headers in reversed(transfer.hops):
         commit = headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
         if commit:
             etag = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_ETAG) or headers.get("ETag") or ""
             etag = etag.removeprefix("W/").strip('"')
+            size = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_SIZE) or transfer.hops[-1].get("Content-Length")
             break
     else:
         raise DownloadError(f"{transfer.url} answered without the Hub's X-Repo-Commit header: is HF_ENDPOINT a Hub?")
     # both become file names in the cache: nothing but a commit hash and a plain blob id is accepted
     if not re.fullmatch(r"[0-9a-f]{40}", commit) or not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", etag):
         raise DownloadError(f"{transfer.url} answered with an unexpected commit {commit!r} or ETag {etag!r}")
-    return commit, etag
+    return commit, etag, int(size) if size and size.isdigit() else None
+
+
+def _check_blob(path: Path, etag: str, size: Optional[int], url: str) -> None:
+    """Refuse a downloaded file whose length or hash is not the one the Hub announced."""
+    length = path.stat().st_size
+    if size is not None and length != size:
+        raise DownloadError(f"{url} sent {length} bytes where the Hub announced {size}: not cached")
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        with open(path, "rb") as f:
+            digest = sha_fileobj(f).hex()
+    elif re.fullmatch(r"[0-9a-f]{40}", etag) and length <= MAX_GIT_FILE:
+        digest = git_hash(path.read_bytes())
+    else:
+        return
+    if digest != etag:
+        raise DownloadError(f"{url} sent a file whose hash {digest} is not its ETag {etag} (a proxy's page, or a cut file): not cached")
+
+
+def _looks_whole(path: Path, size: Optional[int], safetensors: bool) -> bool:
+    """Whether a cached file is there and, as far as a cheap look tells, whole: the announced length,
+    and for ``safetensors`` a header that parses and covers the file."""
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    if not safetensors:
+        return True
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def _link(blob: Path, pointer: Path) -> None:
@@ -345,7 +528,7 @@ def _check_repo_path(value: str, what: str) -> None:
         raise ValueError(f"Hub {what} {value!r} must be a relative path inside the repository")
 
 
-def _from_url(url: str, cache_dir: Optional[PathLike], name: str, timeout: Optional[float]) -> Path:
+def _from_url(url: str, cache_dir: Optional[PathLike], what: str, timeout: Optional[float]) -> Path:
     folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
     filename = Path(urllib.parse.urlparse(url).path).name
     if filename in ("", ".", ".."):
@@ -356,10 +539,10 @@ def _from_url(url: str, cache_dir: Optional[PathLike], name: str, timeout: Optio
     if target.is_file():
         return target
     if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(_unavailable(name, url, f"offline mode, and no cached copy at {target}"))
+        raise FileNotFoundError(_unavailable(what, url, f"offline mode, and no cached copy at {target}"))
     try:
         with open_url(url, limits) as transfer:
             transfer.save(target)
     except (OSError, http.client.HTTPException) as e:
-        raise FileNotFoundError(_unavailable(name, url, e)) from e
+        raise FileNotFoundError(_unavailable(what, url, e)) from e
     return target
