@@ -132,3 +132,20 @@ def test_mask_paste_large_small_and_clipped_boxes():
         decided = (value - 0.5).abs() > 1e-5
         assert torch.equal(mask[decided], want[decided])
     assert got.any(dim=(1, 2))[:3].all()
+
+
+def test_images_without_proposals():
+    """An image the RPN left empty gets empty, well-typed results; the other image is unaffected."""
+    heads = make_heads(True, 5, seed=4)
+    g = torch.Generator().manual_seed(6)
+    feats = pyramid(8, generator=g)
+    sizes, originals = [(512, 640), (448, 600)], [(341, 427), (600, 800)]
+    boxes = random_boxes(10, sizes[1], min_side=12, generator=g)
+    with torch.no_grad():
+        empty, full = heads(feats, [torch.zeros(0, 5), boxes], sizes, originals)
+        alone = heads(feats, [boxes[:0], boxes], sizes, originals)[1]
+        none = heads(feats, [torch.zeros(0, 5), torch.zeros(0, 5)], sizes, originals)
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64
+    assert empty["masks"].shape == (0, *originals[0]) and empty["masks"].dtype == torch.bool
+    assert len(full["labels"]) > 0 and torch.equal(full["labels"], alone["labels"])
+    assert all(r["boxes"].shape == (0, 4) and r["masks"].shape[0] == 0 for r in none)

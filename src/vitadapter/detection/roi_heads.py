@@ -94,7 +94,7 @@ class _RoIHeadsBase(nn.Module):
         for r, s, d, size, original in zip(rois.split(counts), scores.split(counts), deltas.split(counts), image_sizes, original_sizes):
             factor = scale_factor(size, original, r.device)
             boxes = self.bbox_heads[-1].decode(r[:, 1:], d, size)
-            boxes = (boxes.reshape(boxes.shape[0], -1, 4) / factor).reshape(boxes.shape[0], -1)
+            boxes = (boxes.unflatten(1, (-1, 4)) / factor).flatten(1)
             det_boxes, det_scores, det_labels = multiclass_nms(boxes, s, self.score_thr, self.iou_threshold, self.max_per_img)
             results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
             # mmdet reads the masks at the detections mapped back into the batch
