@@ -1,0 +1,21 @@
+"""Detector parts after the backbone, one file per stage of the data flow, with mmdet 2.x's numerics and
+parameter names: neck (``fpn``, ``channel_mapper``), ``anchors`` + ``rpn``, RoI pooling (``poolers``),
+box and mask heads, ``roi_heads`` (Mask R-CNN, cascade), ``postprocess`` (NMS, mask pasting), and
+``two_stage`` wiring them. Box coding (``box_coder``) is shared by the RPN and every stage."""
+from .anchors import AnchorGenerator
+from .box_coder import DeltaXYWHBBoxCoder
+from .box_head import ConvFCBBoxHead
+from .channel_mapper import ChannelMapperWithPooling
+from .fpn import FPN
+from .mask_head import FCNMaskHead
+from .poolers import RoIPooler, map_roi_levels
+from .postprocess import batched_nms, multiclass_nms, paste_masks
+from .roi_heads import CascadeRoIHeads, RoIHeads
+from .rpn import RPNHead
+from .two_stage import TwoStageDetectorHeads
+
+__all__ = [
+    "AnchorGenerator", "CascadeRoIHeads", "ChannelMapperWithPooling", "ConvFCBBoxHead", "DeltaXYWHBBoxCoder", "FCNMaskHead",
+    "FPN", "RPNHead", "RoIHeads", "RoIPooler", "TwoStageDetectorHeads", "batched_nms", "map_roi_levels",
+    "multiclass_nms", "paste_masks",
+]

@@ -1,0 +1,90 @@
+"""Everything of a two-stage detector after the backbone: neck -> RPN -> RoI heads, as one module whose
+state-dict keys are mmdet's (``neck.*``, ``rpn_head.*``, ``roi_head.*``)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .channel_mapper import ChannelMapperWithPooling
+from .fpn import FPN
+from .roi_heads import CascadeRoIHeads, RoIHeads
+from .rpn import RPNHead
+
+NECKS = {"FPN": FPN, "ChannelMapperWithPooling": ChannelMapperWithPooling}
+ROI_HEADS = {"RoIHeads": RoIHeads, "CascadeRoIHeads": CascadeRoIHeads}
+
+
+def _build(registry: Mapping[str, type], kwargs: Mapping[str, Any], where: str) -> nn.Module:
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{where} must be a dict of constructor arguments, got {type(kwargs).__name__}")
+    kwargs = dict(kwargs)
+    kind = kwargs.pop("type", None)
+    if kind not in registry:
+        raise ValueError(f"{where}: type {kind!r} is not supported (supported: {', '.join(registry)})")
+    return registry[kind](**kwargs)
+
+
+def _check_sizes(sizes: Sequence[Sequence[int]], batch: int, name: str) -> list[tuple[int, int]]:
+    if len(sizes) != batch:
+        raise ValueError(f"{name} must give one (h, w) per image: {batch} images, {len(sizes)} sizes")
+    out = []
+    for size in sizes:
+        if len(size) < 2 or int(size[0]) < 1 or int(size[1]) < 1:
+            raise ValueError(f"{name} must hold positive (h, w) pairs, got {tuple(size)}")
+        out.append((int(size[0]), int(size[1])))
+    return out
+
+
+class TwoStageDetectorHeads(nn.Module):
+    """The detector minus its backbone: ``neck`` (``{"type": "FPN" | "ChannelMapperWithPooling", ...}``),
+    ``rpn_head`` (``RPNHead`` kwargs) and ``roi_head`` (``{"type": "RoIHeads" | "CascadeRoIHeads", ...}``).
+    ``vitadapter.converters.mmdet.detector_heads_kwargs`` makes these from upstream's ``model`` dict.
+
+    ``detect_from_pyramid`` is mmdet's ``simple_test(rescale=True)`` after the backbone.
+    """
+
+    def __init__(self, neck: Mapping[str, Any], rpn_head: Mapping[str, Any], roi_head: Mapping[str, Any]):
+        super().__init__()
+        self.neck = _build(NECKS, neck, "neck")
+        if not isinstance(rpn_head, Mapping):
+            raise TypeError(f"rpn_head must be a dict of RPNHead arguments, got {type(rpn_head).__name__}")
+        self.rpn_head = RPNHead(**rpn_head)
+        self.roi_head = _build(ROI_HEADS, roi_head, "roi_head")
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_head.num_classes
+
+    def detect_from_pyramid(
+        self,
+        pyramid: Sequence[torch.Tensor],
+        image_sizes: Sequence[Sequence[int]],
+        original_sizes: Sequence[Sequence[int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per image {"boxes" (N, 4) x1y1x2y2 in original pixels, "scores" (N,), "labels" (N,) 0-based,
+        "masks" (N, H, W) bool at the original size}, best score first.
+
+        ``pyramid``: the backbone's levels (strides 4, 8, 16, 32) of a padded batch; ``image_sizes``:
+        each image's (h, w) inside the batch (mmdet's ``img_shape``); ``original_sizes``: the (h, w) to
+        report in (``ori_shape``). Scale factors are their per-axis ratios.
+        """
+        if not isinstance(pyramid, Sequence) or not all(isinstance(p, torch.Tensor) and p.dim() == 4 for p in pyramid):
+            raise TypeError("pyramid must be a list of NCHW tensors")
+        batch = pyramid[0].shape[0] if len(pyramid) else 0
+        image_sizes = _check_sizes(image_sizes, batch, "image_sizes")
+        original_sizes = _check_sizes(original_sizes, batch, "original_sizes")
+        if batch == 0:
+            return []
+        padded = (pyramid[0].shape[-2] * 4, pyramid[0].shape[-1] * 4)
+        for h, w in image_sizes:
+            if h > padded[0] or w > padded[1]:
+                raise ValueError(f"image_sizes: ({h}, {w}) does not fit in the batch the stride-4 level covers {padded}")
+        features = self.neck(pyramid)
+        proposals = self.rpn_head.proposals(*self.rpn_head(features), image_sizes)
+        return self.roi_head(features, proposals, image_sizes, original_sizes)
+
+    def forward(self, pyramid, image_sizes, original_sizes) -> list[dict[str, torch.Tensor]]:
+        return self.detect_from_pyramid(pyramid, image_sizes, original_sizes)
