@@ -246,3 +246,13 @@ def test_junk_segmentation_head_and_test_values_are_named():
     upernet["loss_decode"] = dict(upernet.get("loss_decode", {"type": "CrossEntropyLoss"}), loss_weight="1.0")
     with pytest.raises(ValueError, match="decode_head: loss_decode.loss_weight must be a finite number"):
         build_head(upernet, "decode_head")
+
+
+@pytest.mark.parametrize("field, junk", [
+    ("use_rel_pos_bias", "yes"), ("init_values", "1e-6"), ("img_size", "640"), ("drop_path_rate", [0.3]),
+    ("embed_dim", 1024.5), ("deform_ratio", "0.5"),
+])
+def test_junk_upstream_beit_values_are_named(field, junk):
+    meta = json.loads((FIXTURES / "seg_beit.json").read_text())
+    with pytest.raises(ValueError, match=field):
+        vitadapter.upstream.model_kwargs(dict(meta["backbone"], **{field: junk}), meta["codebase"])

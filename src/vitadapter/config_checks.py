@@ -48,7 +48,7 @@ _FLOATS = {  # field: (lowest, highest, whether the lowest is allowed)
 }
 _BOOLS = (
     "qkv_bias", "layer_scale", "with_cffn", "add_vit_feature", "use_extra_extractor", "extractor_only",
-    "freeze_trunk", "pretrained_trunk",
+    "freeze_trunk", "pretrained_trunk", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
 )
 _CHOICES = {"vit_feature_source": ("interactions", "final")}
 # a registered segmentor's own arguments, beside its backbone's (its heads' sizes)

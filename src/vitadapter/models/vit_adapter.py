@@ -608,14 +608,14 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
 def _check_timm_only_args(kwargs: dict[str, Any]) -> None:
     """timm's standard arguments that have no ViT-Adapter counterpart (taken out of ``kwargs``): the
     values that mean what the model does anyway are accepted, others refused with the reason."""
-    output_stride = kwargs.pop("output_stride", 32)  # smp and timm pass it to backbones
-    if output_stride != 32:
+    output_stride = kwargs.pop("output_stride", None)  # smp and timm pass it to backbones
+    if output_stride not in (None, 32):
         raise ValueError(
             f"output_stride={output_stride!r} is not supported: ViT-Adapter has no dilation, its levels have "
             "strides 4, 8, 16 and 32 (output_stride 32)"
         )
-    global_pool = kwargs.pop("global_pool", "avg")
-    if global_pool != "avg":
+    global_pool = kwargs.pop("global_pool", None)
+    if global_pool not in (None, "avg"):
         raise ValueError(f"global_pool={global_pool!r} is not supported: forward_head averages the final map ('avg')")
 
 
