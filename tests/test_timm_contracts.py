@@ -3,9 +3,11 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import vitadapter
+from vitadapter._meta import meta_device
 
 TINY = dict(embed_dim=24, depth=4, num_heads=3, deform_num_heads=3, conv_inplane=8)
 
@@ -90,3 +92,91 @@ def test_ddp_without_find_unused_parameters_trains_a_level_subset(tmp_path):
             optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+# One architecture of each registered backbone family and flavour: upstream's ViT (segmentation and
+# detection forwards), BEiT (cls token; windows), DINOv2 (patch 14, registers), DINOv3 (extractor-only)
+FAMILIES = ["vit_adapter_t", "vit_adapter_s_det", "beit_adapter_b_512", "beitv2_adapter_l_det",
+            "vit_adapter_dinov2_reg4_s", "vit_adapter_dinov3_s_plus"]
+
+
+def shrunk(name, **kwargs):
+    """A registered architecture at 64 wide and 4 blocks, its other arguments as registered."""
+    with meta_device():
+        args = vitadapter.create_model(name).model_args
+    small = dict(embed_dim=64, depth=4, num_heads=4)
+    window = None if args["window_size"] is None else [7] * 3 + [14]
+    common = dict(interaction_indexes=[0, 1, 2, 3], deform_num_heads=4, conv_inplane=16, window_size=window)
+    if args["trunk"] is None:
+        common.update(small)
+    else:
+        common["trunk_kwargs"] = dict(args["trunk_kwargs"], **small)
+    return timm.create_model(name, **{**common, **kwargs})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prune_intermediate_layers_contract(name):
+    """timm's contract: pruning at the last index with prune_head=False leaves model(x) as it was;
+    with prune_head (timm's default, what features_only uses) forward_intermediates still gives the
+    kept levels as before."""
+    model = shrunk(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        assert model.prune_intermediate_layers([3], prune_head=False) == [3]
+        after = model(x)
+    assert len(after) == len(before) == 4
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    with torch.no_grad():
+        assert model.prune_intermediate_layers([1, 3]) == [1, 3]
+        kept = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        narrowed = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(kept, [before[1], before[3]]))
+    assert all(torch.equal(a, b) for a, b in zip(narrowed, kept))
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, "upernet_vit_adapter_t", "mask2former_beit_adapter_b_512"])
+def test_plain_safetensors_round_trip_of_every_family(tmp_path, name):
+    """safetensors refuses non-contiguous tensors (channels-last weights among them): a plain
+    save_file of the state dict works and loads back bit for bit."""
+    model = shrunk(name, **({"num_classes": 5} if name.startswith(("upernet", "mask2former")) else {}))
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(state, tmp_path / "model.safetensors")
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timm_standard_rates_are_taken_by_every_family(name):
+    """drop_rate, attn_drop_rate and drop_path_rate reach the trunk alike in every family: dropout
+    after the position embedding and in the blocks' projections, in attention, stochastic depth."""
+    model = shrunk(name, drop_rate=0.25, attn_drop_rate=0.125, drop_path_rate=0.375)
+    rates = {m.p for m in model.vit.modules() if isinstance(m, nn.Dropout)}
+    assert {0.25, 0.125} <= rates
+    assert isinstance(model.vit.pos_drop, nn.Dropout) and model.vit.pos_drop.p == 0.25
+    # timm's stochastic depth rises linearly over the blocks, to the rate at the last
+    assert max(getattr(m, "drop_prob", 0.0) for m in model.vit.modules()) == pytest.approx(0.375)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timm_only_arguments_are_accepted_as_no_ops_or_refused_with_the_reason(name):
+    assert shrunk(name, output_stride=32, global_pool="avg").model_args == shrunk(name).model_args
+    with pytest.raises(ValueError, match="output_stride=16 is not supported: ViT-Adapter has no dilation"):
+        shrunk(name, output_stride=16)
+    with pytest.raises(ValueError, match="global_pool='token' is not supported"):
+        shrunk(name, global_pool="token")
+
+
+@pytest.mark.parametrize("name", ["upernet_vit_adapter_t", "mask2former_beit_adapter_b_512"])
+def test_features_only_on_a_segmentor_points_at_its_backbone(name):
+    with pytest.raises(ValueError, match=r"is a task model .* segmentor\.backbone"):
+        timm.create_model(name, features_only=True)
+    with pytest.raises(ValueError, match="output_stride=8 is not supported"):
+        timm.create_model(name, output_stride=8)
+
+
+def test_a_trunk_module_keeps_its_own_dropout():
+    trunk = timm.create_model("vit_small_patch16_224", img_size=64, embed_dim=48, depth=4, num_heads=3, num_classes=0)
+    with pytest.raises(ValueError, match="a module keeps its own dropout"):
+        vitadapter.create_model("vit_adapter", trunk=trunk, drop_rate=0.1, conv_inplane=16, deform_num_heads=3)

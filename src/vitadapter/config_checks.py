@@ -17,11 +17,12 @@ from typing import Any, Mapping
 
 from .models.vit_adapter import UPSTREAM_VIT_DEFAULTS, ViTAdapter
 
-# Ceilings for configurations from elsewhere: well above every adapter's trunk (ViT-L: 24 blocks,
-# 1024 wide; ViT-g: 40 blocks, 1536 wide, 1.1 B parameters) and well below what exhausts a machine.
+# Ceilings for configurations from elsewhere: above every adapter's trunk (ViT-L: 24 blocks, 1024
+# wide; ViT-g: 40 blocks, 1536 wide, 1.1 B parameters; DINOv3's 7B: 40 blocks, 4096 wide, 6.7 B) and
+# below what exhausts a machine.
 MAX_DEPTH = 64
 MAX_WIDTH = 4096
-MAX_PARAMETERS = 2_000_000_000
+MAX_PARAMETERS = 8_000_000_000
 MAX_WINDOW = 1024
 
 _INTS = {  # field: (lowest, highest)
@@ -48,7 +49,7 @@ _FLOATS = {  # field: (lowest, highest, whether the lowest is allowed)
 }
 _BOOLS = (
     "qkv_bias", "layer_scale", "with_cffn", "add_vit_feature", "use_extra_extractor", "extractor_only",
-    "freeze_trunk", "pretrained_trunk",
+    "freeze_trunk", "pretrained_trunk", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
 )
 _CHOICES = {"vit_feature_source": ("interactions", "final")}
 # a registered segmentor's own arguments, beside its backbone's (its heads' sizes)

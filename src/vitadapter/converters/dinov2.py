@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .fields import as_bool, as_float, as_int
+
 # accepted and without effect on the computed function
 _IGNORED = ("pretrained", "with_cp", "memeff", "_delete_", "type")
 _ADAPTER = ("conv_inplane", "n_points", "deform_num_heads", "init_values", "interaction_indexes", "with_cffn",
@@ -26,13 +28,21 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     return (int(2 * int(dim * mlp_ratio) / 3) + 7) // 8 * 8
 
 
+def _int(cfg: dict[str, Any], name: str) -> int:
+    return as_int(cfg.pop(name), f"DINOv2 adapter {name}", low=1)
+
+
+def _bool(cfg: dict[str, Any], name: str) -> bool:
+    return as_bool(cfg.pop(name), f"DINOv2 adapter {name}")
+
+
 def adapter_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**_DEFAULTS, **config}
     for name in _IGNORED:
         cfg.pop(name, None)
     adapter = {k: cfg.pop(k) for k in _ADAPTER if k in cfg}
-    patch, dim = int(cfg.pop("patch_size")), int(cfg.pop("embed_dim"))
-    pretrain_size, img_size = int(cfg.pop("pretrain_size")), int(cfg.pop("img_size"))
+    patch, dim = _int(cfg, "patch_size"), _int(cfg, "embed_dim")
+    pretrain_size, img_size = _int(cfg, "pretrain_size"), _int(cfg, "img_size")
     if pretrain_size // patch != img_size // patch:
         raise ValueError(
             f"img_size {img_size} and pretrain_size {pretrain_size} give different position grids for patch "
@@ -42,7 +52,7 @@ def adapter_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("pre_norm=True (CLIP-style norm before the blocks) is not supported")
     if cfg.pop("window_attn", False) or cfg.pop("window_size", None) is not None:
         raise ValueError("window_attn is not supported for DINOv2's adapter (its released models use none)")
-    ffn_type, mlp_ratio = cfg.pop("ffn_type"), float(cfg.pop("mlp_ratio"))
+    ffn_type, mlp_ratio = cfg.pop("ffn_type"), as_float(cfg.pop("mlp_ratio"), "DINOv2 adapter mlp_ratio")
     if ffn_type == "mlp":
         base = "vit_base_patch14_dinov2"
     elif ffn_type == "swiglu":
@@ -50,14 +60,14 @@ def adapter_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     else:
         raise ValueError(f"ffn_type must be 'mlp' or 'swiglu', got {ffn_type!r}")
     trunk_kwargs = dict(
-        img_size=pretrain_size, patch_size=patch, embed_dim=dim, depth=int(cfg.pop("depth")),
-        num_heads=int(cfg.pop("num_heads")), mlp_ratio=mlp_ratio, qkv_bias=bool(cfg.pop("qkv_bias")),
-        init_values=1.0 if cfg.pop("layer_scale") else None, class_token=bool(cfg.pop("use_cls")),
+        img_size=pretrain_size, patch_size=patch, embed_dim=dim, depth=_int(cfg, "depth"),
+        num_heads=_int(cfg, "num_heads"), mlp_ratio=mlp_ratio, qkv_bias=_bool(cfg, "qkv_bias"),
+        init_values=1.0 if _bool(cfg, "layer_scale") else None, class_token=_bool(cfg, "use_cls"),
         reg_tokens=0, no_embed_class=False,
     )
     if adapter.get("drop_path_rate"):
         trunk_kwargs["drop_path_rate"] = adapter["drop_path_rate"]
-    freeze = bool(cfg.pop("freeze_vit", False))
+    freeze = as_bool(cfg.pop("freeze_vit", False), "DINOv2 adapter freeze_vit")
     if cfg:
         raise ValueError(f"unsupported DINOv2 adapter option(s): {sorted(cfg)}")
     return dict(trunk=base, trunk_kwargs=trunk_kwargs, freeze_trunk=freeze, **adapter)

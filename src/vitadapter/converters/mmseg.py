@@ -14,6 +14,7 @@ from torch import nn
 
 from ..heads import FCNHead, Mask2FormerHead, UPerHead
 from ..models.segmentor import Segmentor
+from .fields import as_float, as_int
 from .mmseg_mask2former import mask2former_head_kwargs
 from ..upstream import Checkpoint, _as_dict, _unwrap, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
 
@@ -88,7 +89,8 @@ def inference_kwargs(test_cfg: Mapping[str, Any]) -> dict[str, Any]:
     mode = test_cfg.get("mode", "whole")
     if mode == "whole":
         return {"mode": "whole"}
-    return {"mode": mode, "crop_size": _ints(test_cfg.get("crop_size")), "stride": _ints(test_cfg.get("stride"))}
+    return {"mode": mode, "crop_size": _ints(test_cfg.get("crop_size"), "test_cfg.crop_size"),
+            "stride": _ints(test_cfg.get("stride"), "test_cfg.stride")}
 
 
 def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep_classifier: bool = True) -> list[str]:
@@ -200,7 +202,7 @@ def _common(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         dropout_ratio=cfg.pop("dropout_ratio", 0.1),
         align_corners=cfg.pop("align_corners", False),
         ignore_index=cfg.pop("ignore_index", 255),
-        loss_weight=float(loss.get("loss_weight", 1.0)),
+        loss_weight=as_float(loss.get("loss_weight", 1.0), f"{where}: loss_decode.loss_weight"),
     )
 
 
@@ -215,9 +217,9 @@ def _refuse_rest(cfg: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: unsupported settings: {', '.join(sorted(cfg))}")
 
 
-def _ints(value: Any) -> Any:
+def _ints(value: Any, field: str) -> Any:
     if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
+        return tuple(as_int(v, field) for v in value)
     return value
 
 

@@ -231,7 +231,7 @@ def _losses(head: _Section, num_classes: int) -> dict[str, Any]:
             if any(_number(w, f"{cls.where}.class_weight") != 1.0 for w in weights[:-1]):
                 raise ValueError(f"{cls.where}.class_weight: per-class weights other than 1.0 are not supported "
                                  "(only the last, the no-object weight, may differ)")
-            out["no_object_weight"] = float(weights[-1])
+            out["no_object_weight"] = _number(weights[-1], f"{cls.where}.class_weight")
         else:
             out["no_object_weight"] = 1.0
         cls.finish()
@@ -301,7 +301,11 @@ def mask2former_head_kwargs(decode_head_cfg: Mapping[str, Any], train_cfg: Mappi
     in_channels = [_positive_int(c, "decode_head.in_channels") for c in in_channels]
     dim = _positive_int(head.get("feat_channels"), "decode_head.feat_channels")
     out_channels = _positive_int(head.get("out_channels"), "decode_head.out_channels")
-    num_classes = int(head.get("num_things_classes", 80)) + int(head.get("num_stuff_classes", 53))
+    counts = [head.get("num_things_classes", 80), head.get("num_stuff_classes", 53)]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or sum(counts) < 1:
+        raise ValueError(f"decode_head.num_things_classes and num_stuff_classes must be integers from 0 with a "
+                         f"positive sum, got {counts[0]!r} and {counts[1]!r}")
+    num_classes = sum(counts)
     num_levels = _positive_int(head.get("num_transformer_feat_level", 3), "decode_head.num_transformer_feat_level")
     kwargs: dict[str, Any] = dict(
         in_channels=in_channels, feat_channels=dim, out_channels=out_channels,

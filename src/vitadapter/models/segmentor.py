@@ -171,6 +171,11 @@ def create_segmentor(
     ``head_args``: the architecture's own arguments as the heads were built with them (read once
     ``heads`` has run), recorded in ``model_args``.
     """
+    if kwargs.pop("features_only", False):
+        raise ValueError(
+            f"{variant} is a task model (image -> class logits) without a features_only form: its feature "
+            f"backbone is segmentor.backbone, or create {backbone!r} with features_only=True"
+        )
     cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)

@@ -63,7 +63,9 @@ class ViTAdapter(nn.Module):
     injectors' and extractors' LayerNorm eps (upstream's 1e-6; its Uni-Perceiver adapter's 1e-5). ``freeze_trunk``
     stops the trunk's gradients and keeps it in eval mode; in extractor-only mode it also runs
     under ``no_grad``. Any input of at least 32x32 works: it is zero-padded to a multiple of 32 and
-    the outputs are cropped to ``ceil(h / stride) x ceil(w / stride)``. ``model_args`` holds the
+    the outputs are cropped to ``ceil(h / stride) x ceil(w / stride)``. ``drop_rate`` (after the
+    position embedding and in the blocks' projections, as in upstream's ViT), ``attn_drop_rate`` and
+    ``drop_path_rate`` apply to upstream's ViT and to a trunk given by name alike. ``model_args`` holds the
     keyword arguments that rebuild this configuration (what ``config.json`` stores).
     """
 
@@ -203,7 +205,7 @@ class ViTAdapter(nn.Module):
         of another floating dtype is cast to the model's; all four maps come back in the model's dtype,
         or in autocast's while it is on; an empty batch gives empty maps. In training, the zero padding up to a
         multiple of 32 counts toward the BatchNorm statistics, as the padding of upstream's data
-        pipelines does. After ``prune_intermediate_layers`` only the kept levels come back.
+        pipelines does. After ``prune_intermediate_layers`` (with ``prune_head``) only the kept levels come back.
 
         ``torch.fx`` traces it (``create_feature_extractor`` works): the input checks and the
         shape-dependent adapter body are single calls in the graph, the level norms
@@ -270,12 +272,18 @@ class ViTAdapter(nn.Module):
         the others go, and without the stride-4 level so do ``spm.fc1`` and ``up``, so every remaining
         parameter takes part in forward (DDP needs no ``find_unused_parameters``). ``model(x)`` then
         returns the kept levels only. Returns the kept indices. The trunk and the interactions feed
-        every level, so nothing else can go."""
+        every level, so nothing else can go.
+
+        ``model(x)``'s list of levels is this model's head output: with ``prune_head=False`` it must
+        stay as it is (timm's contract), and as every level's norm is part of it, nothing is pruned;
+        the indices are only checked. ``prune_norm`` has no norm to act on: each level ends in its own."""
         take, _ = feature_take_indices(len(STRIDES), indices)
         kept = tuple(sorted(set(take)))
         gone = sorted(set(self.kept_levels) - set(kept))
         if set(kept) - set(self.kept_levels):
             raise ValueError(f"cannot keep levels {list(kept)}: only {list(self.kept_levels)} are left")
+        if not prune_head:
+            return list(take)
         for i in gone:
             setattr(self, f"norm{i + 1}", nn.Identity())
         if 0 in gone:
@@ -464,12 +472,17 @@ def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dic
         return vit, None, vit_args
     in_chans = shape.pop("in_chans")  # timm's builders pass it to every model; it is the trunk's too
     given = sorted(k for k, v in shape.items() if v is not None)
-    if given or args["drop_rate"] or args["attn_drop_rate"]:
-        extra = given + [k for k in ("drop_rate", "attn_drop_rate") if args[k]]
-        raise ValueError(f"{', '.join(extra)} shape upstream's own ViT; with trunk= pass them in trunk_kwargs")
+    if given:
+        raise ValueError(f"{', '.join(given)} shape upstream's own ViT; with trunk= pass them in trunk_kwargs")
     if isinstance(trunk, str):
-        if args["drop_path_rate"]:
-            trunk_kwargs.setdefault("drop_path_rate", args["drop_path_rate"])
+        # timm's standard rates, given to every family alike: each timm ViT family (VisionTransformer,
+        # Beit, Eva) takes these names; drop_rate as in upstream's own ViT (after the position
+        # embedding and the blocks' projections), there being no classifier to drop before
+        rates = dict(drop_path_rate=args["drop_path_rate"], attn_drop_rate=args["attn_drop_rate"],
+                     pos_drop_rate=args["drop_rate"], proj_drop_rate=args["drop_rate"])
+        for name, rate in rates.items():
+            if rate:
+                trunk_kwargs.setdefault(name, rate)
         if in_chans is not None:
             trunk_kwargs.setdefault("in_chans", in_chans)
         module = create_trunk(trunk, pretrained=args["pretrained_trunk"], **trunk_kwargs)
@@ -478,6 +491,8 @@ def _build_trunk(args: Mapping[str, Any]) -> tuple[nn.Module, Optional[str], dic
         raise TypeError(f"trunk must be a timm model name or a timm module, got {type(trunk).__name__}")
     if args["pretrained_trunk"]:
         raise ValueError("pretrained_trunk applies to a trunk given by name; a module keeps its own weights")
+    if args["drop_rate"] or args["attn_drop_rate"]:
+        raise ValueError("drop_rate and attn_drop_rate apply to a trunk given by name; a module keeps its own dropout")
     if in_chans is not None and in_chans != trunk.patch_embed.proj.in_channels:
         raise ValueError(f"in_chans {in_chans} differs from the trunk module's {trunk.patch_embed.proj.in_channels}")
     cfg = getattr(trunk, "pretrained_cfg", None) or {}
@@ -566,6 +581,7 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
     # unpickler, .zip unpacking and key conversion. Loading happens inside the constructor callable so
     # that it precedes timm's features_only wrapping.
     cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
+    _check_timm_only_args(kwargs)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
     sourceless = not any(getattr(cfg, k, None) for k in ("url", "hf_hub_id", "file", "state_dict"))
@@ -590,6 +606,20 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
+
+
+def _check_timm_only_args(kwargs: dict[str, Any]) -> None:
+    """timm's standard arguments that have no ViT-Adapter counterpart (taken out of ``kwargs``): the
+    values that mean what the model does anyway are accepted, others refused with the reason."""
+    output_stride = kwargs.pop("output_stride", None)  # smp and timm pass it to backbones
+    if output_stride not in (None, 32):
+        raise ValueError(
+            f"output_stride={output_stride!r} is not supported: ViT-Adapter has no dilation, its levels have "
+            "strides 4, 8, 16 and 32 (output_stride 32)"
+        )
+    global_pool = kwargs.pop("global_pool", None)
+    if global_pool not in (None, "avg"):
+        raise ValueError(f"global_pool={global_pool!r} is not supported: forward_head averages the final map ('avg')")
 
 
 _UPSTREAM_REPO = "https://github.com/czczup/ViT-Adapter"
