@@ -1,7 +1,7 @@
 """``create_model`` and friends: timm's factory restricted to vitadapter's own models."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import timm
 from timm.models import parse_model_name
@@ -9,6 +9,7 @@ from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
 from .config_checks import check_config_json
+from .staging import read_consistently
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -37,15 +38,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
-    source, _ = parse_model_name(name)
+    source, location = parse_model_name(name)
+    if source == "local-dir" and pretrained:
+        # another process may re-save the folder meanwhile: build again until one save's files were read
+        return read_consistently(lambda: _from_folder(name, location, **kwargs), name)
     if source is not None:
-        config = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
-        architecture = config.get("architecture")
-        if not isinstance(architecture, str) or architecture not in list_models():
-            known = ", ".join(list_models())
-            raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
-        segmentor = architecture in list_models_of(models.SEGMENTOR_MODULES)
-        check_config_json(config, f"{name} {hub.CONFIG_NAME}", segmentor=segmentor)
+        _checked_config(name, **kwargs)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():
@@ -54,3 +52,31 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         tags = [n for n in list_pretrained() if n.startswith(arch + ".")]
         raise ValueError(f"unknown weight tag in {name!r}; {arch} has: {', '.join(tags)}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _checked_config(name: str, **kwargs: Any) -> dict[str, Any]:
+    """The config.json of a ``local-dir:`` or ``hf-hub:`` folder, checked before anything is built."""
+    config = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str) or architecture not in list_models():
+        known = ", ".join(list_models())
+        raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
+    segmentor = architecture in list_models_of(models.SEGMENTOR_MODULES)
+    check_config_json(config, f"{name} {hub.CONFIG_NAME}", segmentor=segmentor)
+    return config
+
+
+def _from_folder(name: str, folder: str, **kwargs: Any) -> Optional[nn.Module]:
+    """The model of a ``local-dir:`` folder with its weights, or None where the files it was built
+    from came from different saves (another process saved into the folder meanwhile)."""
+    config = _checked_config(name, **kwargs)
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file") or overlay.get("state_dict"):  # the weights come from elsewhere
+        return timm.create_model(name, pretrained=True, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception:
+        if hub.saved_together(folder, config):
+            raise
+        return None  # the files of two saves do not fit together
+    return model if hub.saved_together(folder, config) else None

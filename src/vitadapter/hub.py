@@ -24,20 +24,22 @@ import torch
 from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import build_hf_headers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
 from .download import DownloadError, Limits, Transfer, download_limits, open_url
-from .staging import remove_stale, write_atomically
+from .staging import new_save_id, remove_stale, write_atomically
 from .upstream import Conversion, load_checkpoint, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# the key of the id of one save_pretrained call, in config.json and in the weights' metadata
+SAVE_ID = "vitadapter_save"
 # pretrained_cfg entries config.json leaves out: where the weights came from (misleading once they sit
 # in a new folder), and the architecture, which timm's layout keeps at the top level
 _NOT_SAVED = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture")
@@ -56,7 +58,9 @@ def save_pretrained(
     trained or not; one assembled otherwise is refused, see ``segmentor_config``).
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
     under a staging name and renamed (``vitadapter.staging``), so an interrupted save leaves no
-    half-written file, and both get the usual umask-respecting mode.
+    half-written file, and both get the usual umask-respecting mode. Both files carry the id of
+    this save (``SAVE_ID``), the weights written first: ``create_model("local-dir:...")`` checks
+    that it built the model from one save even while another process re-saves the folder.
     """
     if isinstance(model, Segmentor):
         config = segmentor_config(model, pretrained_cfg)
@@ -68,9 +72,30 @@ def save_pretrained(
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous buffers only, and the model keeps its conv weights channels-last
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    save_id = new_save_id()
+    config[SAVE_ID] = save_id
+    metadata = {"format": "pt", SAVE_ID: save_id}
+    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
     write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
+
+
+def saved_together(folder: PathLike, config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` (read from ``folder`` before a model was built from it), the folder's
+    config.json now and its weights now all come from one save; folders without save ids (written
+    by other tools or by hand) pass. As saves never reuse an id and write the weights before the
+    config, the same id before and after means every read in between saw that save's files."""
+    before = config.get(SAVE_ID)
+    if before is None:
+        return True
+    folder = Path(folder)
+    try:
+        after = json.loads((folder / CONFIG_NAME).read_text()).get(SAVE_ID)
+        with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
+            saved = (weights.metadata() or {}).get(SAVE_ID)
+    except (OSError, ValueError, AttributeError, SafetensorError):  # replaced by something else meanwhile
+        return False
+    return before == after == saved
 
 
 def model_config(model: ViTAdapter, pretrained_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
