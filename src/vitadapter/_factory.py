@@ -41,7 +41,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     source, location = parse_model_name(name)
     if source == "local-dir" and pretrained:
         # another process may re-save the folder meanwhile: build again until one save's files were read
-        return read_consistently(lambda: _from_folder(name, location, **kwargs), name)
+        failure = (f"{name}: its {hub.CONFIG_NAME} and {hub.WEIGHTS_NAME} came from different saves in 5 reads: another "
+                   "process is saving into it (load it once that is done), or a save was interrupted or the files were "
+                   "put together from two saves (save the model again)")
+        return read_consistently(lambda: _from_folder(name, location, **kwargs), failure)
     if source is not None:
         _checked_config(name, **kwargs)
         return timm.create_model(name, pretrained=pretrained, **kwargs)

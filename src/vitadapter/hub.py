@@ -82,9 +82,10 @@ def save_pretrained(
 
 def saved_together(folder: PathLike, config: Mapping[str, Any]) -> bool:
     """Whether ``config`` (read from ``folder`` before a model was built from it), the folder's
-    config.json now and its weights now all come from one save; folders without save ids (written
-    by other tools or by hand) pass. As saves never reuse an id and write the weights before the
-    config, the same id before and after means every read in between saw that save's files."""
+    config.json now and its weights now all come from one save. As saves never reuse an id and
+    write the weights before the config, the same id before and after means every read in between
+    saw that save's files. Files without a save id (written by other tools, by hand, or by an
+    earlier vitadapter) cannot be told apart and pass."""
     before = config.get(SAVE_ID)
     if before is None:
         return True
@@ -95,7 +96,7 @@ def saved_together(folder: PathLike, config: Mapping[str, Any]) -> bool:
             saved = (weights.metadata() or {}).get(SAVE_ID)
     except (OSError, ValueError, AttributeError, SafetensorError):  # replaced by something else meanwhile
         return False
-    return before == after == saved
+    return before == after and saved in (None, before)
 
 
 def model_config(model: ViTAdapter, pretrained_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:

@@ -239,14 +239,13 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
-def read_consistently(read: Callable[[], Optional[T]], what: str, tries: int = 5) -> T:
+def read_consistently(read: Callable[[], Optional[T]], failure: str, tries: int = 5) -> T:
     """``read()`` until it returns something other than ``None`` (``None``: the files it read came
-    from different saves, a writer was at work), waiting a little longer each time; ``OSError``
-    naming ``what`` when a writer keeps it changing."""
+    from different saves, a writer may be at work), waiting a little longer each time; after
+    ``tries``, ``OSError(failure)``."""
     for attempt in range(tries):
         value = read()
         if value is not None:
             return value
         time.sleep(0.05 * 2**attempt)
-    raise OSError(f"{what} changed while it was being read, {tries} times: another process is saving into it; "
-                  "load it once that process is done")
+    raise OSError(failure)
