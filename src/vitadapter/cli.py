@@ -222,14 +222,7 @@ def _check_picture_path(path: Path) -> None:
     if Image.EXTENSION.get(path.suffix.lower()) not in Image.SAVE:
         kind = f"'{path.suffix}' files" if path.suffix else "a file name without an extension"
         raise UsageError(f"--out {path}: Pillow cannot write {kind}; name a .png (or .jpg, .webp) file")
-    _check_destination(path, "--out")
-
-
-def _check_destination(path: Path, option: str) -> None:
-    try:
-        check_destination(path, option)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    check_destination(path, "--out")
 
 
 def _device(name: str) -> "torch.device":
@@ -823,7 +816,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"export-onnx {out}: name a .onnx file")
-    _check_destination(out, "export-onnx")
+    check_destination(out, "export-onnx")
     if args.size is not None and min(args.size) < _MIN_ONNX_SIZE:
         raise UsageError(f"--size {args.size[0]} {args.size[1]}: height and width must be at least {_MIN_ONNX_SIZE}")
     try:
