@@ -328,6 +328,36 @@ def test_torchrun_two_cpu_processes(shapes, tmp_path):
     assert torch.load(run / "last.pth", weights_only=True)["world_size"] == 2
 
 
+# Holds the lock of a run folder, as a train-seg run writing into it does, until it is killed.
+LOCK_HOLDER = """
+import sys, time
+from pathlib import Path
+from vitadapter.staging import folder_lock
+with folder_lock(Path(sys.argv[1]), "train-seg run"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_until_the_first_is_gone(shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    argv = ["train-seg", str(shapes), "--model", MODEL, "--out", str(run), "--num-classes", "3", "--random-init",
+            "--model-kwargs", json.dumps(TINY), "--crop", "64", "--iters", "2", "--workers", "0", "--log-every", "1"]
+    env = dict(os.environ, PYTHONPATH=str(Path(vitadapter.__file__).parents[1]))
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(argv) == 2
+        one_line_error(capsys, f"{run} is in use by another train-seg run")
+        assert list(run.iterdir()) == []
+    finally:
+        holder.kill()  # as a crash would: the lock goes with the process, no stale lock remains
+        holder.wait(timeout=60)
+    assert main(argv) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["last.pth", "log.jsonl", "model.pth"]
+
+
 # ---- command-line errors ----------------------------------------------------------------------------
 
 

@@ -1,13 +1,14 @@
 """``create_model`` and friends: timm's factory restricted to vitadapter's own models."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import timm
 from timm.models import parse_model_name
 from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
+from .staging import read_consistently
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -36,11 +37,15 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a string, got {type(name).__name__}")
-    source, _ = parse_model_name(name)
+    source, location = parse_model_name(name)
+    if source == "local-dir" and pretrained:
+        # another process may re-save the folder meanwhile: build again until one save's files were read
+        failure = (f"{name}: its {hub.CONFIG_NAME} and {hub.WEIGHTS_NAME} came from different saves in 5 reads: another "
+                   "process is saving into it (load it once that is done), or a save was interrupted or the files were "
+                   "put together from two saves (save the model again)")
+        return read_consistently(lambda: _from_folder(name, location, **kwargs), failure)
     if source is not None:
-        # read once: the model is built from the dict that was checked, not from a second read
-        config, origin = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
-        hub.check_config(config, f"{name} {hub.CONFIG_NAME}")
+        config, origin = _checked_config(name, **kwargs)
         return hub.create_from_config(config, origin, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():
@@ -49,3 +54,27 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         tags = [n for n in list_pretrained() if n.startswith(arch + ".")]
         raise ValueError(f"unknown weight tag in {name!r}; {arch} has: {', '.join(tags)}")
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _checked_config(name: str, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config.json of a ``local-dir:`` or ``hf-hub:`` folder, checked before anything is built, and
+    where its weights are. Read once: the model is built from the dict that was checked."""
+    config, origin = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
+    hub.check_config(config, f"{name} {hub.CONFIG_NAME}")
+    return config, origin
+
+
+def _from_folder(name: str, folder: str, **kwargs: Any) -> Optional[nn.Module]:
+    """The model of a ``local-dir:`` folder with its weights, or None where the files it was built
+    from came from different saves (another process saved into the folder meanwhile)."""
+    config, origin = _checked_config(name, **kwargs)
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file") or overlay.get("state_dict"):  # the weights come from elsewhere
+        return hub.create_from_config(config, origin, pretrained=True, **kwargs)
+    try:
+        model = hub.create_from_config(config, origin, pretrained=True, **kwargs)
+    except Exception:
+        if hub.saved_together(folder, config):
+            raise
+        return None  # the files of two saves do not fit together
+    return model if hub.saved_together(folder, config) else None

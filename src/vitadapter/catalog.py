@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .staging import write_atomically
+
 PATH = Path(__file__).with_name("catalog.json")
 
 
@@ -103,5 +105,6 @@ def flops_without_memory(model: Any, input_size: Any) -> int:
 
 
 if __name__ == "__main__":
-    PATH.write_text(json.dumps(build(), indent=1) + "\n")
+    text = json.dumps(build(), indent=1) + "\n"
+    write_atomically(PATH, lambda path: path.write_text(text))
     print(f"wrote {PATH}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import __version__, catalog
+from .staging import check_destination, inputs_in_the_way, save_image, staging_folder
 
 if TYPE_CHECKING:
     import torch
@@ -142,6 +143,8 @@ def _features(args: argparse.Namespace) -> int:
         _check_picture_path(out)
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: for a folder of images this names a folder of pictures, and it is a file")
+    targets = _picture_names(out, [Path(name) for name, _ in images]) if folder else [out]
+    _refuse_replacing_inputs(targets, images, out)
     _check_model_name(args.model, "--model", kind="backbone")
     if args.weights is not None:
         _check_weights_file(args.weights, "--weights")
@@ -149,7 +152,7 @@ def _features(args: argparse.Namespace) -> int:
     model, weights = _features_model(args, device)
     if not folder:
         picture, table = _picture(model, device, args, *images[0], weights)
-        picture.save(out)
+        save_image(picture, out)
         print(table)
         print(f"wrote {out}")
         return 0
@@ -157,13 +160,12 @@ def _features(args: argparse.Namespace) -> int:
     from huggingface_hub.utils import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    targets = _picture_names(out, [Path(name) for name, _ in images])
     # a bar on a terminal only: in a log its redraws would run into one line
     skipped = 0
     with tqdm(total=len(images), unit="image", desc="features", disable=None) as bar:
         for (name, source), target in zip(images, targets):
             try:
-                _picture(model, device, args, name, source, weights)[0].save(target)
+                save_image(_picture(model, device, args, name, source, weights)[0], target)
                 bar.write(f"wrote {target}")
             except ValueError as e:  # an unreadable file is reported; the other images go on
                 bar.write(f"vitadapter: skipped {_one_line(e)}", file=sys.stderr)
@@ -173,6 +175,15 @@ def _features(args: argparse.Namespace) -> int:
     if skipped:
         print(f"vitadapter: {skipped} file(s) could not be read (listed above)", file=sys.stderr)
     return 1 if skipped else 0
+
+
+def _refuse_replacing_inputs(outputs: list[Path], images: list[tuple[str, Any]], out: Path) -> None:
+    """Refuse outputs that are input images of this run (the same file, by any path), before any work."""
+    clashes = inputs_in_the_way(outputs, [source for _, source in images if isinstance(source, os.PathLike)])
+    if clashes:
+        shown = _few([str(output) if output == source else f"{output} (= {source})" for output, source in clashes])
+        raise UsageError(f"--out {out}: the outputs would replace {len(clashes)} input image(s) of this run: {shown}; "
+                         "pick another --out")
 
 
 def _picture_names(folder: Path, images: list[Path]) -> list[Path]:
@@ -211,8 +222,7 @@ def _check_picture_path(path: Path) -> None:
     if Image.EXTENSION.get(path.suffix.lower()) not in Image.SAVE:
         kind = f"'{path.suffix}' files" if path.suffix else "a file name without an extension"
         raise UsageError(f"--out {path}: Pillow cannot write {kind}; name a .png (or .jpg, .webp) file")
-    if not path.parent.is_dir():
-        raise UsageError(f"--out {path}: the folder {path.parent} does not exist")
+    check_destination(path, "--out")
 
 
 def _device(name: str) -> "torch.device":
@@ -389,6 +399,8 @@ def _segment(args: argparse.Namespace) -> int:
             print(f"vitadapter: left out {len(others)} file(s) without an image extension: {_few(others)}", file=sys.stderr)
     else:  # one image: one that cannot be read is the error, before any model is built
         _read_image(*images[0])
+    stems = _output_stems([Path(name) for name, _ in images])
+    _refuse_replacing_inputs([out / f"{stem}.{kind}.png" for stem in stems for kind in ("label", "overlay")], images, out)
     device = _device(args.device)
     model, weights = _segmentor_model(args, device, fall_back=True)
 
@@ -401,7 +413,6 @@ def _segment(args: argparse.Namespace) -> int:
     alert = "" if weights else "RANDOM WEIGHTS: untrained model, the labels mean nothing"
     ratios, flip = _test_passes(args.aug)
     out.mkdir(parents=True, exist_ok=True)
-    stems = _output_stems([Path(name) for name, _ in images])
     skipped = 0
     with tqdm(total=len(images), unit="image", desc="segment", disable=None) as bar:
         for (name, source), stem in zip(images, stems):
@@ -414,8 +425,8 @@ def _segment(args: argparse.Namespace) -> int:
                 continue
             labels = _predict(model, image, args, ratios, flip, device).numpy()
             label_path, overlay_path = out / f"{stem}.label.png", out / f"{stem}.overlay.png"
-            label_image(labels, palette).save(label_path)
-            segmentation_overlay(image, labels, palette, names, alert=alert).save(overlay_path)
+            save_image(label_image(labels, palette), label_path)
+            save_image(segmentation_overlay(image, labels, palette, names, alert=alert), overlay_path)
             bar.write(f"wrote {label_path} and {overlay_path}")
             bar.update()
     done = len(images) - skipped
@@ -696,7 +707,6 @@ def _save_new_folder(model: "torch.nn.Module", dst: Path, pretrained_cfg: Option
     """Write into a staging folder beside ``dst`` and rename it: an error leaves no partial ``dst``, and
     a killed run's staging folder is removed by the next run (``vitadapter.staging``)."""
     from .hub import save_pretrained
-    from .staging import staging_folder
 
     with staging_folder(dst) as staging:
         save_pretrained(model, staging, pretrained_cfg)
@@ -806,8 +816,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise UsageError(f"export-onnx {out}: name a .onnx file")
-    if not out.parent.is_dir():
-        raise UsageError(f"export-onnx {out}: the folder {out.parent} does not exist")
+    check_destination(out, "export-onnx")
     if args.size is not None and min(args.size) < _MIN_ONNX_SIZE:
         raise UsageError(f"--size {args.size[0]} {args.size[1]}: height and width must be at least {_MIN_ONNX_SIZE}")
     try:

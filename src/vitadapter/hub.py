@@ -41,7 +41,7 @@ from .download import DownloadError, Limits, Transfer, bounded_hub_calls, downlo
 from .models import FAMILY_MODULES, SEGMENTOR_MODULES
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
-from .staging import remove_stale, write_atomically
+from .staging import new_save_id, remove_stale, write_atomically
 from .upstream import Conversion, load_checkpoint, read_checkpoint
 
 PathLike = Union[str, os.PathLike]
@@ -52,6 +52,8 @@ WEIGHTS_NAME = "model.safetensors"
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME)
 MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; this is not one
 MAX_GIT_FILE = 50 << 20  # the Hub keeps files over 10 MB in LFS (sha256 ETags); git's hash reads it whole
+# the key of the id of one save_pretrained call, in config.json and in the weights' metadata
+SAVE_ID = "vitadapter_save"
 # pretrained_cfg entries config.json leaves out: where the weights came from (misleading once they sit
 # in a new folder), and the architecture, which timm's layout keeps at the top level
 _NOT_SAVED = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture")
@@ -70,7 +72,9 @@ def save_pretrained(
     trained or not; one assembled otherwise is refused, see ``segmentor_config``).
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
     under a staging name and renamed (``vitadapter.staging``), so an interrupted save leaves no
-    half-written file, and both get the usual umask-respecting mode.
+    half-written file, and both get the usual umask-respecting mode. Both files carry the id of
+    this save (``SAVE_ID``), the weights written first: ``create_model("local-dir:...")`` checks
+    that it built the model from one save even while another process re-saves the folder.
     """
     if isinstance(model, Segmentor):
         config = segmentor_config(model, pretrained_cfg)
@@ -82,9 +86,31 @@ def save_pretrained(
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous buffers only, and the model keeps its conv weights channels-last
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    save_id = new_save_id()
+    config[SAVE_ID] = save_id
+    metadata = {"format": "pt", SAVE_ID: save_id}
+    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
     write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
+
+
+def saved_together(folder: PathLike, config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` (read from ``folder`` before a model was built from it), the folder's
+    config.json now and its weights now all come from one save. As saves never reuse an id and
+    write the weights before the config, the same id before and after means every read in between
+    saw that save's files. Files without a save id (written by other tools, by hand, or by an
+    earlier vitadapter) cannot be told apart and pass."""
+    before = config.get(SAVE_ID)
+    if before is None:
+        return True
+    folder = Path(folder)
+    try:
+        after = json.loads((folder / CONFIG_NAME).read_text()).get(SAVE_ID)
+        with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
+            saved = (weights.metadata() or {}).get(SAVE_ID)
+    except (OSError, ValueError, AttributeError, SafetensorError):  # replaced by something else meanwhile
+        return False
+    return before == after and saved in (None, before)
 
 
 def model_config(model: ViTAdapter, pretrained_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:

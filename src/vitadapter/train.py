@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data.folder import SegmentationFolder
 from .data.transforms import SegmentationTrainTransform
 from .models.segmentor import Segmentor
-from .staging import write_atomically
+from .staging import append_line, folder_lock, write_atomically
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
@@ -113,13 +113,30 @@ def train_segmentation(options: TrainOptions) -> Path:
 
 
 def _train(options: TrainOptions, rank: int, world: int, device: torch.device) -> Path:
+    synced = world if device.type == "cuda" else 1  # SyncBatchNorm pools the batches of the GPUs
+    if options.batch_size * synced < 2:
+        raise ValueError("--batch-size 1: the heads' BatchNorm needs 2 or more images per batch (or several GPUs under torchrun)")
+    if rank != 0:
+        return _run(options, rank, world, device)
+    # one run per folder: a second one would interleave the log and overwrite the checkpoints
+    run_dir = Path(options.out)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(run_dir, "train-seg run"):
+            return _run(options, rank, world, device)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # only while empty: nothing of the run is lost
+                run_dir.rmdir()
+        raise
+
+
+def _run(options: TrainOptions, rank: int, world: int, device: torch.device) -> Path:
     run_dir = Path(options.out)
     resumed = _read_checkpoint(run_dir, options, world) if options.resume else None
     if resumed is None and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --out")
-    synced = world if device.type == "cuda" else 1  # SyncBatchNorm pools the batches of the GPUs
-    if options.batch_size * synced < 2:
-        raise ValueError("--batch-size 1: the heads' BatchNorm needs 2 or more images per batch (or several GPUs under torchrun)")
     options = _with_recipe(options)
     torch.manual_seed(options.seed)  # the same on every process, as mmseg seeds them
     segmentor = build_segmentor(options, initial_weights=resumed is None)
@@ -155,7 +172,6 @@ def _train(options: TrainOptions, rank: int, world: int, device: torch.device) -
         _set_rng_state(resumed["rng"], device)
     log = _Log(run_dir if rank == 0 else None, options.iters)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log.start(options, start, world, len(folder), crop)
 
     batches = iter(loader)
@@ -416,8 +432,7 @@ class _Log:
         parts = "  ".join(f"{name} {value:.4f}" for name, value in shown.items())
         print(f"iter {iteration}/{self.iters}  loss {loss:.4f}  ({parts})  lr {lr:.3g}  {seconds:.2f} s/iter  "
               f"eta {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
-        with open(self.run_dir / LOG, "a") as f:
-            f.write(json.dumps({"iteration": iteration, "loss": loss, **means, "lr": lr}) + "\n")
+        append_line(self.run_dir / LOG, json.dumps({"iteration": iteration, "loss": loss, **means, "lr": lr}))
 
     def finish(self, model: Path) -> None:
         print(f"wrote {model}", flush=True)

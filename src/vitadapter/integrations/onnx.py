@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..staging import write_with_companions
+
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("stride4", "stride8", "stride16", "stride32")
 MIN_SIZE = 32
@@ -40,12 +42,14 @@ def export_onnx(
     height, width = _size(model, size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    path = Path(path)
+    if path.is_dir():  # found now, not after the export's seconds to minutes
+        raise ValueError(f"path {path} is a folder: name the .onnx file to write")
     in_chans = getattr(model, "in_chans", 3)
     param = next(model.parameters())
     # a dynamic batch is traced with 2 images: a batch of 1 would be taken for a fixed size
     image = torch.randn(2 if dynamic else batch_size, in_chans, height, width, dtype=param.dtype, device=param.device)
     dynamic_shapes = ({0: "batch", 2: "height", 3: "width"},) if dynamic else None
-    path = Path(path)
     was_training = model.training
     model.eval()
     try:
@@ -70,7 +74,8 @@ def export_onnx(
         ) from e
     finally:
         model.train(was_training)
-    program.save(path)
+    # a model over 2 GB keeps its weights in PATH.data beside the file
+    write_with_companions(path, lambda staging: program.save(staging))
     return path
 
 
