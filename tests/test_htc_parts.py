@@ -98,10 +98,12 @@ def test_soft_nms_equals_the_transcribed_kernel_on_random_boxes(method, offset):
     dropped = 0
     for n, thr, min_score in [(1, 0.5, 1e-3), (40, 0.3, 1e-3), (150, 0.5, 0.05), (120, 0.7, 0.2)]:
         boxes, scores = random_boxes(n, g), torch.rand(n, generator=g)
-        keep = assert_same_as_reference(
-            boxes, scores, exact=method != "gaussian", iou_threshold=thr, sigma=0.5, min_score=min_score, method=method, offset=offset
-        )
-        dropped += n - keep.numel()
+        # with and without boxes that start under min_score (mmcv drops those in its first pass)
+        for s in (scores, min_score + (1 - min_score) * scores):
+            keep = assert_same_as_reference(
+                boxes, s, exact=method != "gaussian", iou_threshold=thr, sigma=0.5, min_score=min_score, method=method, offset=offset
+            )
+            dropped += n - keep.numel()
     assert dropped > 0  # the removal path ran
 
 
@@ -151,33 +153,79 @@ def shifted(boxes, labels):
     return boxes + (labels.float() * (boxes.max() + torch.tensor(1.0)))[:, None]
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_batched_soft_nms_matches_the_reference_per_branch(split):
-    g = torch.Generator().manual_seed(3)
-    n = 200
-    boxes, scores = random_boxes(n, g), torch.rand(n, generator=g)
-    scores[::7] = 0.5  # ties across and within classes
-    labels = torch.randint(0, 5, (n,), generator=g)
-    kw = dict(iou_threshold=0.4, sigma=0.5, min_score=0.02, method="linear", offset=0)
-    dets, keep = batched_soft_nms(boxes, scores, labels, split_thr=50 if split else 10000, **kw)
-    moved = shifted(boxes, labels)
-    if not split:
-        ref_dets, ref_keep = reference_soft_nms(moved, scores, **kw)
-        ref_scores = ref_dets[:, 4]
-    else:
-        kept, kept_scores = [], []
-        for c in range(5):
-            members = (labels == c).nonzero().view(-1)
-            d, k = reference_soft_nms(moved[members], scores[members], **kw)
-            kept += members[k].tolist()
-            kept_scores += d[:, 4].tolist()
-        # mmcv gathers the survivors in index order, then sorts by score (ties: index order here)
-        pairs = sorted(zip(kept, kept_scores), key=lambda p: (-p[1], p[0]))
-        ref_keep = torch.tensor([p[0] for p in pairs])
-        ref_scores = torch.tensor([p[1] for p in pairs])
+def batched_case(case, n=200, classes=5, seed=3, clusters=6):
+    """Boxes, scores and labels for one kind of input."""
+    g = torch.Generator().manual_seed(seed)
+    boxes, labels = random_boxes(n, g, clusters).clamp(min=0), torch.randint(0, classes, (n,), generator=g)
+    scores = torch.rand(n, generator=g)
+    if case == "ties_across_classes":  # the same score in several classes, none twice in one class
+        scores = torch.rand(n // classes + 1, generator=g)[torch.argsort(torch.argsort(labels, stable=True)) % (n // classes + 1)]
+        scores = torch.where(torch.bincount(labels, minlength=classes)[labels] <= n // classes + 1, scores, torch.rand(n, generator=g))
+        assert len(set(zip(labels.tolist(), scores.tolist()))) == n
+    elif case == "ties_within_classes":
+        scores[::7] = 0.5
+    elif case == "classes_overlap":  # negative coordinates: mmcv's offsets no longer part the classes
+        boxes = boxes - 30
+    # mmcv drops boxes that start under min_score in its first pass, whichever class
+    return boxes, scores if case == "below_min_score" else 0.5 + 0.5 * scores, labels
+
+
+def count_calls(monkeypatch, *names):
+    import vitadapter.detection.soft_nms as module
+
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def wrapper(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "case, path",
+    [
+        ("distinct", "lockstep"),
+        ("ties_across_classes", "_order_ties"),
+        ("ties_within_classes", "_soft_nms_in_order"),
+        ("classes_overlap", "lockstep"),  # one group of all boxes
+        ("below_min_score", "_soft_nms_in_order"),
+    ],
+)
+@pytest.mark.parametrize("seed", [3, 4])
+def test_batched_soft_nms_matches_the_reference(case, path, seed, monkeypatch):
+    boxes, scores, labels = batched_case(case, n=300, classes=3, seed=seed, clusters=3)
+    calls = count_calls(monkeypatch, "_order_ties", "_soft_nms_in_order")
+    kw = dict(iou_threshold=0.4, sigma=0.5, min_score=0.3, method="linear", offset=0)
+    dets, keep = batched_soft_nms(boxes, scores, labels, **kw)
+    assert keep.numel() < 0.6 * scores.numel()  # many drops: the working order is reshuffled often
+    assert calls == {"_order_ties": int(path == "_order_ties"), "_soft_nms_in_order": int(path == "_soft_nms_in_order")}
+    ref_dets, ref_keep = reference_soft_nms(shifted(boxes, labels), scores, **kw)
     assert torch.equal(keep, ref_keep)
     assert torch.equal(dets[:, :4], boxes[keep])
-    assert torch.equal(dets[:, 4], ref_scores)
+    assert torch.equal(dets[:, 4], ref_dets[:, 4])
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties_within_classes", "below_min_score"])
+def test_batched_soft_nms_split_branch_matches_the_reference(case):
+    boxes, scores, labels = batched_case(case)
+    kw = dict(iou_threshold=0.4, sigma=0.5, min_score=0.02, method="linear", offset=0)
+    dets, keep = batched_soft_nms(boxes, scores, labels, split_thr=50, **kw)
+    moved = shifted(boxes, labels)
+    kept, kept_scores = [], []
+    for c in range(5):
+        members = (labels == c).nonzero().view(-1)
+        d, k = reference_soft_nms(moved[members], scores[members], **kw)
+        kept += members[k].tolist()
+        kept_scores += d[:, 4].tolist()
+    # mmcv gathers the survivors in index order, then sorts by score (ties: index order here)
+    pairs = sorted(zip(kept, kept_scores), key=lambda p: (-p[1], p[0]))
+    assert torch.equal(keep, torch.tensor([p[0] for p in pairs]))
+    assert torch.equal(dets[:, 4], torch.tensor([p[1] for p in pairs]))
+    assert torch.equal(dets[:, :4], boxes[keep])
 
 
 def test_batched_soft_nms_groups_do_not_interact():
