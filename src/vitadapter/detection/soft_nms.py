@@ -5,9 +5,10 @@ torchvision has no soft-NMS. This one runs on any device and reproduces mmcv's C
 float32 (the Gaussian method up to the last bit of ``exp``): the kept boxes, their decayed scores, their
 order, and which of several equal scores is selected first (mmcv's working-array order decides).
 
-mmcv's class offsets keep classes from decaying each other, so the classes run side by side, one tensor
-step per box of the largest class (``benchmarks/soft_nms.py`` times it). Where the working order could matter (equal top scores within a class, boxes starting under
-``min_score``, classes the offsets do not separate) it is followed box by box instead.
+mmcv's class offsets keep classes from decaying each other, so the classes run side by side, one
+tensor step per box of the largest class (``benchmarks/soft_nms.py`` times it). Where the working order
+could matter (equal top scores within a class, boxes starting under ``min_score``, classes the offsets
+do not separate) it is followed box by box instead.
 """
 from __future__ import annotations
 
