@@ -244,6 +244,13 @@ def test_batched_soft_nms_groups_do_not_interact():
         torch.testing.assert_close(dets[mine], d, rtol=1e-5, atol=1e-6)
 
 
+def test_batched_soft_nms_class_agnostic_is_one_plain_call():
+    boxes, scores, labels = batched_case("ties_within_classes")
+    dets, keep = batched_soft_nms(boxes, scores, labels, iou_threshold=0.4, min_score=0.3, class_agnostic=True)
+    ref_dets, ref_keep = reference_soft_nms(boxes, scores, iou_threshold=0.4, sigma=0.5, min_score=0.3, method="linear", offset=0)
+    assert torch.equal(keep, ref_keep) and torch.equal(dets, ref_dets)
+
+
 def test_multiclass_soft_nms_reproduces_the_fixture_detections():
     rcnn = META["test_cfg"]["rcnn"]
     assert rcnn["nms"] == {"type": "soft_nms", "iou_threshold": 0.5}
