@@ -208,8 +208,8 @@ def _soft_nms_in_order(
     boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor | None, method: str, offset: int,
     iou_thr: torch.Tensor, min_sc: torch.Tensor, sig: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """mmcv's kernel step by step. ``groups``, when given, promises that boxes of different groups leave each other's
-    scores unchanged (see :func:`_groups_cannot_interact`), so only the selected box's group is decayed.
+    """mmcv's kernel step by step; with ``groups`` (boxes of different groups leave each other's scores
+    unchanged) only the selected box's group is decayed.
 
     mmcv keeps a working array of the unselected boxes and reorders it in place: the selected box is
     swapped with the front one, and a dropped box is overwritten by the current last one. Equal scores
@@ -279,14 +279,12 @@ def _soft_nms_in_order(
 def _groups_cannot_interact(
     boxes: torch.Tensor, groups: torch.Tensor, iou_threshold: float, method: str, offset: int
 ) -> bool:
-    """Whether every IoU between boxes of different groups leaves scores exactly unchanged: true when
-    the groups' x-extents (or y-extents) are apart by at least ``offset``, so that every such overlap
-    width (height) is 0, in float arithmetic too, as rounding is monotone; mmcv's class offsets do that
-    for boxes with non-negative coordinates and a zero IoU means weight 1 (naive decay needs a positive
-    threshold; Gaussian decay, no zero-area box, whose 0/0 IoU would be NaN)."""
-    if (method == "naive" and not iou_threshold > 0) or (
-        method == "gaussian" and not bool(((boxes[:, 2] - boxes[:, 0] + offset) * (boxes[:, 3] - boxes[:, 1] + offset) > 0).all())
-    ):
+    """Whether boxes of different groups leave each other's scores exactly unchanged. Their overlap
+    widths (heights) are all 0 when the groups' x-extents (y-extents) are apart by at least ``offset``,
+    in float arithmetic too, as rounding is monotone; mmcv's class offsets do that for boxes with
+    non-negative coordinates. An IoU of 0 must then mean weight 1: naive decay needs a positive
+    threshold, and Gaussian decay no zero-area box (two of them have IoU 0/0, NaN)."""
+    if (method == "naive" and not iou_threshold > 0) or (method == "gaussian" and not bool((_areas(boxes, offset) > 0).all())):
         return False
     _, group_of = torch.unique(groups, return_inverse=True)
     count = int(group_of.max()) + 1
