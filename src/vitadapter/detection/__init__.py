@@ -1,7 +1,9 @@
 """Detector parts after the backbone, one file per stage of the data flow, with mmdet 2.x's numerics and
 parameter names: neck (``fpn``, ``channel_mapper``), ``anchors`` + ``rpn``, RoI pooling (``poolers``),
 box and mask heads, ``roi_heads`` (Mask R-CNN, cascade), ``postprocess`` (NMS, mask pasting), and
-``two_stage`` wiring them. Box coding (``box_coder``) is shared by the RPN and every stage."""
+``two_stage`` wiring them. Box coding (``box_coder``) is shared by the RPN and every stage. HTC++'s own
+parts: ``extra_attention`` (the neck in front of its FPN), ``semantic_head``, ``htc_heads`` (mask
+information flow) and ``soft_nms``."""
 from .anchors import AnchorGenerator
 from .box_coder import DeltaXYWHBBoxCoder
 from .box_head import ConvFCBBoxHead

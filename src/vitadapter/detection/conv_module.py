@@ -18,6 +18,10 @@ class ConvModule(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
         self.bn = nn.BatchNorm2d(out_channels) if norm else None
         self.activate = nn.ReLU() if act else None
+        # mmcv's ConvModule initialisation, so heads trained from scratch start where upstream's do
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)

@@ -30,15 +30,26 @@ class FCNMaskHead(nn.Module):
         self.upsample = nn.ConvTranspose2d(widths[-1], conv_out_channels, 2, stride=2)
         self.relu = nn.ReLU()
         self.conv_logits = nn.Conv2d(conv_out_channels, 1 if class_agnostic else num_classes, 1)
+        for layer in (self.upsample, self.conv_logits):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
 
-    def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
+    def features(self, roi_features: torch.Tensor) -> torch.Tensor:
+        """The last conv unit's output."""
         x = roi_features
         for conv in self.convs:
             x = conv(x)
-        return self.conv_logits(self.relu(self.upsample(x)))
+        return x
+
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        """Mask logits (K, classes, 2s, 2s) from :meth:`features`' output."""
+        return self.conv_logits(self.relu(self.upsample(feat)))
+
+    def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(roi_features))
 
     def label_logits(self, roi_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(K, 2s, 2s) logits of each RoI's own class (of the one map when class-agnostic)."""
-        logits = self(roi_features)
+        logits = self.logits(self.features(roi_features))
         channel = torch.zeros_like(labels) if self.class_agnostic else labels
         return logits[torch.arange(logits.shape[0], device=logits.device), channel]
