@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 
+from . import _json
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
 from .download import DownloadError, Limits, Transfer, download_limits, open_url
@@ -162,8 +163,8 @@ def read_config(name: str, cache_dir: Optional[PathLike] = None, timeout: Option
     else:
         path = _from_hub(location, CONFIG_NAME, cache_dir, name, timeout)
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = _json.loads(path.read_text(), str(path))
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a valid config.json ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} should hold a JSON object, it holds a {type(config).__name__}")
