@@ -234,3 +234,176 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_debris(shapes, tm
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and f"cannot write {run / CHECKPOINT}" in done.stderr, done.stderr
     assert sorted(p.name for p in run.iterdir()) == ["log.jsonl"]
+
+
+# ---- images and options the CLI refuses in one line -------------------------------------------------------
+
+import vitadapter  # noqa: E402
+from vitadapter import ms_deform_attn  # noqa: E402
+
+
+def bomb(path, side):
+    """A PNG of side x side pixels, small on disk: Pillow's bomb check reads its size from the header."""
+    Image.new("L", (side, side)).save(path)
+
+
+@pytest.fixture
+def low_pixel_limit(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # above the bitmap font's image
+
+
+def test_a_decompression_bomb_says_which_limit_and_how_to_raise_it(tmp_path, capsys, low_pixel_limit):
+    bomb(tmp_path / "big.png", 400)
+    assert main(["segment", str(tmp_path / "big.png"), "--out", str(tmp_path / "out"), "--size", "32"]) == 2
+    one_line_error(capsys, str(tmp_path / "big.png"), "PIL.Image.MAX_IMAGE_PIXELS (50,000)", "VITADAPTER_MAX_IMAGE_PIXELS=N")
+    assert "a bug" not in capsys.readouterr().err
+
+
+def test_the_pixel_limit_is_raised_from_the_environment(tmp_path, capsys, low_pixel_limit, monkeypatch):
+    bomb(tmp_path / "big.png", 400)
+    monkeypatch.setenv("VITADAPTER_MAX_IMAGE_PIXELS", "200000")
+    assert main(["features", str(tmp_path / "big.png"), "--size", "32", "--out", str(tmp_path / "p.png")]) == 0
+    monkeypatch.setenv("VITADAPTER_MAX_IMAGE_PIXELS", "lots")
+    assert main(["features", str(tmp_path / "big.png"), "--size", "32", "--out", str(tmp_path / "p.png")]) == 2
+    one_line_error(capsys, "VITADAPTER_MAX_IMAGE_PIXELS=lots: expected a positive number of pixels")
+
+
+@pytest.mark.parametrize("command", ["segment", "features"])
+def test_in_a_folder_bombs_and_broken_links_are_reported_and_skipped(command, tmp_path, capsys, low_pixel_limit):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo(20, 20).save(folder / "good.png")
+    bomb(folder / "big.png", 400)
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "noext").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "out"
+    assert main([command, str(folder), "--out", str(out), "--size", "32", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    for name in ("big.png", "dangling.png", "loop.jpg"):
+        assert f"vitadapter: skipped" in err and str(folder / name) in err, err
+    assert "3 file(s) could not be read" in err and "a bug" not in err
+    assert any(p.name.startswith("good") for p in out.iterdir())
+    if command == "segment":
+        assert "noext" in err  # listed among the files left out
+
+
+@pytest.mark.parametrize("size", [(100000, 1), (20000, 32), (1, 100000)])
+def test_features_refuses_extreme_strips_before_resizing(size, tmp_path, capsys):
+    Image.new("RGB", size).save(tmp_path / "strip.png")
+    assert main(["features", str(tmp_path / "strip.png"), "--out", str(tmp_path / "p.png")]) == 2
+    one_line_error(capsys, "strip.png is", "over the 16,777,216 pixels", "crop it")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["segment", "--size", "60000"], "at most 8192"),
+        (["features", "--size", "60000"], "at most 8192"),
+        (["eval-seg", "x", "--size", "60000"], "at most 8192"),
+        (["export-onnx", "vit_adapter_t", "m.onnx", "--size", "60000", "64"], "at most 8192"),
+    ],
+)
+def test_option_sizes_are_bounded_before_any_work(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["features", "segment"])
+def test_the_meta_device_is_a_usage_error(command, tmp_path, capsys):
+    assert main([command, "--device", "meta", "--out", str(tmp_path / ("p.png" if command == "features" else "o"))]) == 2
+    one_line_error(capsys, "--device meta: the meta device holds shapes, not values")
+
+
+def test_a_model_on_the_meta_device_refuses_a_meta_image():
+    from vitadapter._meta import meta_device
+
+    with meta_device():
+        model = vitadapter.create_model("vit_adapter_t")
+    with pytest.raises(ValueError, match="cannot run on the meta device"):
+        model(torch.zeros(1, 3, 64, 64, device="meta"))
+
+
+def msda_inputs(shapes=((4, 4), (2, 2)), dtype=torch.float32):
+    positions = sum(h * w for h, w in shapes)
+    value = torch.randn(1, positions, 2, 8).to(dtype)
+    spatial = torch.tensor(shapes)
+    start = torch.tensor([0, shapes[0][0] * shapes[0][1]])
+    locations = torch.rand(1, 5, 2, 2, 3, 2)
+    weights = torch.rand(1, 5, 2, 2, 3)
+    return value, spatial, start, locations, weights
+
+
+def test_ms_deform_attn_names_negative_shapes_and_integer_values():
+    with pytest.raises(ValueError, match="spatial_shapes must hold positive"):
+        ms_deform_attn(*msda_inputs(((-4, -4), (2, 2))))
+    with pytest.raises(ValueError, match="spatial_shapes must hold positive"):
+        ms_deform_attn(*msda_inputs(((0, 4), (2, 2))))
+    with pytest.raises(TypeError, match="value must be a floating-point tensor, got torch.int64"):
+        ms_deform_attn(*msda_inputs(dtype=torch.int64))
+    value, spatial, start, locations, weights = msda_inputs()
+    with pytest.raises(TypeError, match="attention_weights must be a floating-point"):
+        ms_deform_attn(value, spatial, start, locations, weights.int())
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+def test_deeply_nested_json_is_a_named_error(tmp_path, capsys):
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04")
+    assert main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "d"), "--arch", "vit_adapter_t", "--model-kwargs", DEEP]) == 2
+    one_line_error(capsys, "--model-kwargs: JSON nested more than 32 levels deep")
+    nested = '{"a": ' * 40 + "1" + "}" * 40
+    assert main(["train-seg", str(tmp_path), "--model", MODEL, "--out", str(tmp_path / "r"), "--model-kwargs", nested]) == 2
+    one_line_error(capsys, "--model-kwargs: JSON nested more than 32 levels deep")
+    (tmp_path / "cfg.json").write_text('{"codebase": "segmentation", "backbone": ' + DEEP + "}")
+    assert main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "d"), "--upstream-config", str(tmp_path / "cfg.json")]) == 2
+    one_line_error(capsys, "--upstream-config", "JSON nested more than 32 levels deep")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architecture": "vit_adapter_t", "model_args": ' + nested + "}")
+    with pytest.raises(ValueError, match="config.json: JSON nested more than 32 levels deep"):
+        vitadapter.create_model(f"local-dir:{folder}")
+
+
+# ---- models from files that would not fit ------------------------------------------------------------------
+
+from vitadapter import hub, memory_check  # noqa: E402
+
+HEAVY = {
+    "a named 7B trunk": ("vit_adapter", dict(trunk="vit_7b_patch16_dinov3", deform_num_heads=16), None,
+                         r"a model of 7\.\d\d B parameters, over vitadapter's ceiling of 2 B"),
+    "a timm trunk of a million tokens": ("vit_adapter", dict(trunk="vit_small_patch16_224", trunk_kwargs=dict(img_size=2048, patch_size=1)),
+                                         [3, 512, 512], r"needs about \d+\.\d GiB \(1,6\d\d M parameters.*largest activation for one 512x512 image"),
+    "heads 4096 wide": ("upernet_vit_adapter_t", dict(num_classes=150, head_channels=4096, aux_channels=4096), None,
+                        r"needs about \d+\.\d GiB \(1,\d{3} M parameters"),
+    "a small model at a huge input size": ("vit_adapter_t", {}, [3, 16384, 16384], r"largest activation for one 16384x16384 image: \d+\.\d GiB"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAVY))
+def test_models_from_files_that_would_not_fit_are_refused_with_the_numbers(case, tmp_path, monkeypatch):
+    architecture, model_args, input_size, words = HEAVY[case]
+    folder = tmp_path / "heavy"
+    folder.mkdir()
+    config = dict(architecture=architecture, model_args=model_args, pretrained_cfg=dict(input_size=input_size or [3, 512, 512]))
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(memory_check, "available_memory", lambda: 4 << 30)
+    with pytest.raises(ValueError, match=f"local-dir:{folder} config.json.*{words}.*VITADAPTER_ALLOW_LARGE_MODELS=1"):
+        vitadapter.create_model(f"local-dir:{folder}")
+
+
+def test_the_memory_check_can_be_overridden_and_passes_what_fits(tmp_path, monkeypatch):
+    folder = tmp_path / "tiny"
+    hub.save_pretrained(vitadapter.create_model("vit_adapter_t", embed_dim=48, depth=4, num_heads=3, deform_num_heads=3), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["input_size"] = [3, 2048, 2048]  # large enough for the fake forward
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(memory_check, "available_memory", lambda: 64 << 30)
+    vitadapter.create_model(f"local-dir:{folder}", pretrained=True)
+    monkeypatch.setattr(memory_check, "available_memory", lambda: 1 << 20)
+    with pytest.raises(ValueError, match="more than the 0.0 GiB of memory free here"):
+        vitadapter.create_model(f"local-dir:{folder}", pretrained=True)
+    monkeypatch.setenv("VITADAPTER_ALLOW_LARGE_MODELS", "1")
+    vitadapter.create_model(f"local-dir:{folder}", pretrained=True)

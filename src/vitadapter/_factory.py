@@ -9,6 +9,7 @@ from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
 from .config_checks import check_config_json
+from .memory_check import check_model_memory
 
 
 def list_models(pattern: str = "") -> list[str]:
@@ -25,6 +26,11 @@ def list_pretrained(pattern: str = "") -> list[str]:
     """``arch.tag`` names that come with weights."""
     ours = set(list_models())
     return [name for name in timm.list_pretrained(pattern or "*") if name.split(".", 1)[0] in ours]
+
+
+def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``create_model`` that shape the model, not where its weights come from."""
+    return {k: v for k, v in kwargs.items() if k not in ("cache_dir", "timeout", "pretrained_cfg_overlay", "pretrained_cfg")}
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -46,6 +52,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
             raise ValueError(f"{name} holds a {architecture!r} model, not a vitadapter architecture ({known})")
         segmentor = architecture in list_models_of(models.SEGMENTOR_MODULES)
         check_config_json(config, f"{name} {hub.CONFIG_NAME}", segmentor=segmentor)
+        check_model_memory(f"{name} {hub.CONFIG_NAME}", config, _model_kwargs(kwargs))
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     arch = name.split(".", 1)[0]
     if arch not in list_models():
