@@ -1,5 +1,12 @@
 """Limits: big photos segment in bounded memory, extreme inputs and options are refused with one named
 line before any work, and broken files in a run are named."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +67,40 @@ def test_the_resize_is_mmsegs_bilinear_resize_of_the_logits():
     assert close_calls.float().mean() < 0.01
 
 
+PEAK = """
+import resource, sys
+import numpy as np, torch
+from PIL import Image
+from torch import nn
+from vitadapter.predict import predict
+
+class Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.crop_size = (64, 64)
+
+    def forward(self, image):
+        return torch.randn(1, 64, *image.shape[-2:])
+
+image = Image.fromarray(np.zeros((1500, 2000, 3), np.uint8))
+model = Constant().eval()
+predict(model, Image.new("RGB", (64, 64)))  # torch's own allocations before the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+labels = predict(model, image)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_segmenting_a_photo_takes_memory_for_its_labels_not_its_logits():
+    """64 classes over 2000 x 1500 pixels: full-size probabilities would take 768 MB (and as much
+    again for their softmax); the label map takes 24 MB."""
+    done = subprocess.run([sys.executable, "-c", PEAK], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 150 * 2**20, f"peak grew by {int(done.stdout) / 2**20:.0f} MiB"
+
+
 @pytest.mark.parametrize("size", [(451, 300), (3000, 40), (40, 3000), (61, 97)])
 def test_the_photo_is_resized_band_by_band_as_a_whole_resize_would(size):
     image = photo(*size)
@@ -99,13 +140,6 @@ def test_predict_on_the_meta_device_is_a_named_error():
 
 
 # ---- train-seg: foreign checkpoints, bad labels, broken images, unwritable folders, full disks ----------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from test_train_seg import MODEL, TINY, one_line_error, options, shapes  # noqa: E402,F401
 
