@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from . import __version__, catalog
+from . import __version__, _json, catalog
 
 if TYPE_CHECKING:
     import torch
@@ -318,6 +318,7 @@ def _picture(
     """The pyramid picture of one image and the table of its level shapes."""
     import numpy as np
     import torch
+    from PIL import Image
 
     from .visualize import pyramid_picture
 
@@ -329,7 +330,7 @@ def _picture(
         shown = "kept at its size" if size == "original" else f"resized to short side {size}"
         raise ValueError(f"{name} is {original.width}x{original.height}: {shown} it is {width}x{height}, over the "
                          f"{_MAX_FEATURE_PIXELS:,} pixels features runs a model on; crop it, or pass a smaller --size")
-    image = original if size == "original" else original.resize((width, height), _bicubic())
+    image = original if size == "original" else original.resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     with torch.inference_mode():
@@ -394,12 +395,6 @@ def _short_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
     w, h = size
     scale = short / min(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def _bicubic() -> Any:
-    from PIL import Image
-
-    return Image.Resampling.BICUBIC
 
 
 # the largest model input of `features` (4096 x 4096): a long strip resized to a short side of 512
@@ -709,8 +704,6 @@ def _model_to_convert(
     if args.arch:
         return create_model(args.arch, pretrained=False, **arch_kwargs), None
     path = Path(args.upstream_config)
-    from . import _json
-
     try:
         spec = _json.loads(path.read_text(), f"--upstream-config {path}")
     except FileNotFoundError as e:
@@ -824,8 +817,6 @@ def _check_segmentor_name(name: str) -> None:
 def _json_object(text: Optional[str], option: str) -> dict[str, Any]:
     if text is None:
         return {}
-    from . import _json
-
     try:
         value = _json.loads(text, option)
     except ValueError as e:
