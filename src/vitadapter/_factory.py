@@ -8,6 +8,7 @@ from timm.models import parse_model_name
 from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
+from .memory_check import check_model_memory
 from .staging import read_consistently
 
 
@@ -25,6 +26,11 @@ def list_pretrained(pattern: str = "") -> list[str]:
     """``arch.tag`` names that come with weights."""
     ours = set(list_models())
     return [name for name in timm.list_pretrained(pattern or "*") if name.split(".", 1)[0] in ours]
+
+
+def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``create_model`` that shape the model, not where its weights come from."""
+    return {k: v for k, v in kwargs.items() if k not in ("cache_dir", "timeout", "pretrained_cfg_overlay", "pretrained_cfg")}
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -60,7 +66,9 @@ def _checked_config(name: str, **kwargs: Any) -> tuple[dict[str, Any], dict[str,
     """The config.json of a ``local-dir:`` or ``hf-hub:`` folder, checked before anything is built, and
     where its weights are. Read once: the model is built from the dict that was checked."""
     config, origin = hub.read_config(name, kwargs.get("cache_dir"), kwargs.get("timeout"))
-    hub.check_config(config, f"{name} {hub.CONFIG_NAME}")
+    label = f"{name} {hub.CONFIG_NAME}"
+    hub.check_config(config, label)
+    check_model_memory(label, config, _model_kwargs(kwargs))
     return config, origin
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib.resources
-import json
 import os
 import sys
 import urllib.parse
@@ -19,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from . import __version__, catalog
+from . import __version__, _json, catalog
 from .staging import check_destination, inputs_in_the_way, save_image, staging_folder
 
 if TYPE_CHECKING:
@@ -201,18 +200,38 @@ def _image_files(path: Optional[str]) -> list[tuple[str, Any]]:
     """(name to show, file) of the bundled cat, one image file or each image in a folder."""
     if path is None:
         return [(f"{_BUNDLED} (bundled)", importlib.resources.files("vitadapter") / "assets" / _BUNDLED)]
+    _set_pixel_limit()
     source = Path(path)
     if source.is_dir():
         from PIL import Image
 
         Image.init()
-        found = sorted(p for p in source.iterdir() if p.is_file() and Image.EXTENSION.get(p.suffix.lower()) in Image.OPEN)
+        # a dangling link or a link loop is listed: reading it names the file as unreadable
+        found = sorted(p for p in source.iterdir() if _file_or_link(p) and Image.EXTENSION.get(p.suffix.lower()) in Image.OPEN)
         if not found:
             raise UsageError(f"{path} holds no image files Pillow can read")
         return [(str(p), p) for p in found]
     if not source.is_file():
         raise UsageError(f"no image file or folder at {path!r}")
     return [(path, source)]
+
+
+def _file_or_link(path: Path) -> bool:
+    return path.is_file() or path.is_symlink()
+
+
+def _set_pixel_limit() -> None:
+    """Pillow's guard against decompression bombs, raised by ``$VITADAPTER_MAX_IMAGE_PIXELS``."""
+    from .data.images import MAX_PIXELS_ENV
+
+    text = os.environ.get(MAX_PIXELS_ENV)
+    if not text:
+        return
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{MAX_PIXELS_ENV}={text}: expected a positive number of pixels")
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = int(text)
 
 
 def _check_picture_path(path: Path) -> None:
@@ -235,6 +254,8 @@ def _device(name: str) -> "torch.device":
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # an unknown name, or a device this torch cannot use
         raise UsageError(f"--device {name}: {_one_line(e)}; try --device cpu") from e
+    if device.type == "meta":
+        raise UsageError(f"--device {name}: the meta device holds shapes, not values, so nothing can run on it; try --device cpu")
     return device
 
 
@@ -307,13 +328,19 @@ def _picture(
     """The pyramid picture of one image and the table of its level shapes."""
     import numpy as np
     import torch
+    from PIL import Image
 
     from .visualize import pyramid_picture
 
     cfg = model.pretrained_cfg
     original = _read_image(name, source)
     size = cfg["input_size"][-1] if args.size is None else args.size
-    image = original if size == "original" else _resize_short_side(original, size)
+    width, height = original.size if size == "original" else _short_side_size(original.size, size)
+    if width * height > _MAX_FEATURE_PIXELS:
+        shown = "kept at its size" if size == "original" else f"resized to short side {size}"
+        raise ValueError(f"{name} is {original.width}x{original.height}: {shown} it is {width}x{height}, over the "
+                         f"{_MAX_FEATURE_PIXELS:,} pixels features runs a model on; crop it, or pass a smaller --size")
+    image = original if size == "original" else original.resize((width, height), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     with torch.inference_mode():
@@ -374,12 +401,15 @@ def _read_image(name: str, source: Any) -> "Image.Image":
         raise ValueError(f"cannot read image {name}: {_one_line(e)}") from e
 
 
-def _resize_short_side(image: "Image.Image", size: int) -> "Image.Image":
-    from PIL import Image
+def _short_side_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    w, h = size
+    scale = short / min(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
-    w, h = image.size
-    scale = size / min(w, h)
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+# the largest model input of `features` (4096 x 4096): a long strip resized to a short side of 512
+# would otherwise become a picture of millions of pixels a side
+_MAX_FEATURE_PIXELS = 1 << 24
 
 
 # ---- segment and eval-seg -----------------------------------------------------------------------------
@@ -394,7 +424,7 @@ def _segment(args: argparse.Namespace) -> int:
     folder = args.image is not None and Path(args.image).is_dir()
     if folder:
         listed = {path for _, path in images}
-        others = sorted(p.name for p in Path(args.image).iterdir() if p.is_file() and p not in listed and not p.name.startswith("."))
+        others = sorted(p.name for p in Path(args.image).iterdir() if _file_or_link(p) and p not in listed and not p.name.startswith("."))
         if others:
             print(f"vitadapter: left out {len(others)} file(s) without an image extension: {_few(others)}", file=sys.stderr)
     else:  # one image: one that cannot be read is the error, before any model is built
@@ -686,10 +716,10 @@ def _model_to_convert(
         return create_model(args.arch, pretrained=False, **arch_kwargs), None
     path = Path(args.upstream_config)
     try:
-        spec = json.loads(path.read_text())
+        spec = _json.loads(path.read_text(), f"--upstream-config {path}")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--upstream-config {path}: no such file") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise ValueError(f"--upstream-config {path} is not valid JSON ({e})") from e
     if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), dict) or "codebase" not in spec:
         shape = '{"codebase": ..., "backbone": {...}} (and optionally "pretrained_cfg": {...})'
@@ -798,9 +828,9 @@ def _json_object(text: Optional[str], option: str) -> dict[str, Any]:
     if text is None:
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{option}: not valid JSON ({e})") from e
+        value = _json.loads(text, option)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     if not isinstance(value, dict):
         raise UsageError(f"{option}: expected a JSON object such as '{{\"drop_path_rate\": 0.2}}'")
     return value
@@ -962,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subcommand(sub, "export-onnx", "write a model as an ONNX file (dynamic batch, height and width)")
     p.add_argument("model", help="model name (or name.tag, local-dir:, hf-hub:), see `vitadapter list`")
     p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+    p.add_argument("--size", type=_side, nargs=2, metavar=("H", "W"),
                    help="example image size to trace (default: the model's input size); with --static the only size")
     p.add_argument("--static", action="store_true", help="fix batch 1 and --size instead of dynamic sizes")
     weights = p.add_mutually_exclusive_group()
@@ -997,10 +1027,25 @@ def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _size(text: str) -> Any:
-    """argparse type for --size, so a bad value is reported as a usage error."""
+    """argparse type for --size, so a bad value is reported as a usage error before any work."""
     if text == "original":
         return text
-    return _positive(text, alternative=" or 'original'")
+    value = _positive(text, alternative=" or 'original'")
+    if value > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a side of at most {_MAX_SIZE} px, got {text!r}")
+    return value
+
+
+# the largest --size: 16 x upstream's 512-px scale
+_MAX_SIZE = 8192
+
+
+def _side(text: str) -> int:
+    """argparse type for export-onnx's --size H W."""
+    value = _positive(text)
+    if value > _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"expected a side of at most {_MAX_SIZE} px, got {text!r}")
+    return value
 
 
 def _positive(text: str, alternative: str = "") -> int:

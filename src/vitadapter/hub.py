@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 from timm.models._hub import _parse_model_cfg
 
+from . import _json
 from ._meta import meta_device
 from .config_checks import check_config_json
 from .download import DownloadError, Limits, Transfer, bounded_hub_calls, download_limits, open_url
@@ -237,8 +238,8 @@ def create_from_config(
 
 def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = _json.loads(data.decode(), str(path))
+    except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not a valid config.json ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{path} should hold a JSON object, it holds a {type(config).__name__}")

@@ -12,7 +12,7 @@ probabilities (mmseg's ``aug_test``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,8 @@ from torch import nn
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 SIZE_DIVISOR = 32
 _DEFAULT_SCALE = 512
+# the most pixels one test pass may have (upstream's largest, 1568 x 6272 with multi-scale, has 9.8 M)
+MAX_PASS_PIXELS = 1 << 24
 
 
 def default_scale(segmentor: nn.Module) -> tuple[int, int]:
@@ -69,6 +71,111 @@ def _resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tenso
     return resized.round_().clamp_(0, 255)
 
 
+def _source_rows(size: int, source: int, top: int, bottom: int) -> torch.Tensor:
+    """Where rows ``top:bottom`` of a bilinear resize (``align_corners=False``) of ``source`` rows to
+    ``size`` sample the source, in source pixels, clamped to the source as ``F.interpolate`` does."""
+    rows = torch.arange(top, bottom, dtype=torch.float64)
+    return ((rows + 0.5) * (source / size) - 0.5).clamp_(0, source - 1)
+
+
+def _sample(values: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of (1, C, h, w) ``values`` at rows ``ys`` and columns ``xs`` (source pixels,
+    float64, inside the source): ``F.grid_sample``, whose grid is in [-1, 1] of the source's size."""
+    h, w = values.shape[-2:]
+    grid = torch.stack(torch.broadcast_tensors((2 * xs + 1) / w - 1, ((2 * ys + 1) / h - 1)[:, None]), -1)
+    grid = grid.to(values.device, values.dtype)[None]
+    return F.grid_sample(values, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _rescaled_pixels(image: Image.Image, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """``image`` resized bilinearly to (1, 3, height, width) values in 0..255, rounded as an 8-bit image
+    (cv2's output). Only the source rows each band of output rows samples are turned into floats:
+    the full-size photo never exists as a float tensor."""
+    rgb = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
+    if tuple(rgb.shape[-2:]) == (height, width):
+        return rgb[None].to(device, torch.float32)
+    xs = ((torch.arange(width, dtype=torch.float64) + 0.5) * (rgb.shape[-1] / width) - 0.5).clamp_(0, rgb.shape[-1] - 1)
+    bands = []
+    for top in range(0, height, _PIXEL_BAND):
+        ys = _source_rows(height, rgb.shape[-2], top, min(top + _PIXEL_BAND, height))
+        first, last = int(ys[0]), min(int(ys[-1]) + 1, rgb.shape[-2] - 1)
+        rows = rgb[None, :, first : last + 1].to(device, torch.float32)
+        bands.append(_sample(rows, ys - first, xs).round_().clamp_(0, 255))
+    return torch.cat(bands, -2)
+
+
+# output rows of a pixel resize sampled at once
+_PIXEL_BAND = 64
+# class probabilities held at the photo's size at once (float32): rows x width x classes
+_BAND_VALUES = 1 << 22
+
+
+def _pass_logits(
+    segmentor: nn.Module,
+    image: Image.Image,
+    scale: Union[int, tuple[int, int], None],
+    ratios: Sequence[float],
+    flip: bool,
+    device: Union[str, torch.device, None],
+) -> list[torch.Tensor]:
+    """The logits (1, C, h, w) of each test pass at its own scale, flipped passes flipped back."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image is {image.width}x{image.height} pixels: nothing to segment")
+    if not ratios or any(not isinstance(r, (int, float)) or not 0 < r < float("inf") for r in ratios):
+        raise ValueError(f"ratios must be positive numbers, got {tuple(ratios)}")
+    _check_scale(scale)
+    if scale == 0:
+        scale = default_scale(segmentor)
+    parameter = next(segmentor.parameters())
+    device = torch.device(device) if device is not None else parameter.device
+    if device.type == "meta":
+        raise ValueError("device meta: a model on the meta device has no weights to segment with; load it on cpu or cuda")
+    cfg = getattr(segmentor, "pretrained_cfg", None) or {}
+    # upstream's configs all normalise with ImageNet's statistics
+    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), device=device).view(1, 3, 1, 1) * 255
+    passes = []
+    for ratio in ratios:
+        w, h = rescaled_size(image.width, image.height, scale, ratio)
+        if _multiple(w) * _multiple(h) > MAX_PASS_PIXELS:
+            raise ValueError(
+                f"scale {scale!r} (ratio {ratio:g}) resizes the {image.width}x{image.height} image to {w}x{h}, over the "
+                f"{MAX_PASS_PIXELS:,} pixels a test pass may have: pass a smaller scale"
+            )
+        resized = _resize_pixels(_rescaled_pixels(image, h, w, device), _multiple(h), _multiple(w))
+        normalised = ((resized - mean) / std).to(parameter.dtype)
+        for flipped in (False, True) if flip else (False,):
+            logits = segmentor(normalised.flip(-1) if flipped else normalised).float()
+            passes.append(logits.flip(-1) if flipped else logits)
+    return passes
+
+
+def _check_scale(scale: Any) -> None:
+    def size(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if scale is None or scale == 0 and not isinstance(scale, bool) or size(scale):
+        return
+    if isinstance(scale, (tuple, list)) and len(scale) == 2 and all(size(v) for v in scale):
+        return
+    raise ValueError(f"scale must be 0 (the model's), None (the image's size), a short side S or (short, long) in pixels, got {scale!r}")
+
+
+def _band_probs(passes: list[torch.Tensor], height: int, width: int, top: int, bottom: int) -> torch.Tensor:
+    """Rows ``top:bottom`` of the class probabilities at the image's size (C, rows, width): each pass's
+    logits resized bilinearly (as ``F.interpolate(..., align_corners=False)``), softmaxed, averaged.
+    A pixel's value does not depend on the band it is computed in."""
+    total: Optional[torch.Tensor] = None
+    for logits in passes:
+        h, w = logits.shape[-2:]
+        xs = _source_rows(width, w, 0, width)
+        probs = _sample(logits, _source_rows(height, h, top, bottom), xs)[0].softmax(0)
+        total = probs if total is None else total.add_(probs)
+    return total.div_(len(passes))
+
+
 @torch.no_grad()
 def predict_probs(
     segmentor: nn.Module,
@@ -84,39 +191,13 @@ def predict_probs(
     segmentor's own (``default_scale``), None the image's size. ``ratios`` and ``flip`` give multi-scale and flip testing
     (``ratios=MS_RATIOS, flip=True`` is upstream's "MS"); the passes' softmax outputs are averaged.
     The segmentor should be in eval mode; mean and std come from its ``pretrained_cfg`` (ImageNet's
-    without one).
+    without one). The answer holds num_classes floats per pixel of the photo: ``predict`` needs
+    far less memory for the labels alone.
     """
-    if not ratios or any(r <= 0 for r in ratios):
-        raise ValueError(f"ratios must be positive numbers, got {tuple(ratios)}")
-    if scale == 0:
-        scale = default_scale(segmentor)
-    parameter = next(segmentor.parameters())
-    device = torch.device(device) if device is not None else parameter.device
-    cfg = getattr(segmentor, "pretrained_cfg", None) or {}
-    # upstream's configs all normalise with ImageNet's statistics
-    mean = torch.tensor(cfg.get("mean", IMAGENET_DEFAULT_MEAN), device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.get("std", IMAGENET_DEFAULT_STD), device=device).view(1, 3, 1, 1) * 255
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).to(device)
-    pixels = pixels.permute(2, 0, 1).unsqueeze(0)
-    height, width = pixels.shape[-2:]
-
-    total: Optional[torch.Tensor] = None
-    passes = 0
-    for ratio in ratios:
-        w, h = rescaled_size(width, height, scale, ratio)
-        resized = _resize_pixels(_resize_pixels(pixels, h, w), _multiple(h), _multiple(w))
-        normalised = ((resized - mean) / std).to(parameter.dtype)
-        for flipped in (False, True) if flip else (False,):
-            batch = normalised.flip(-1) if flipped else normalised
-            logits = segmentor(batch)
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            probs = logits.softmax(1)[0]
-            probs = probs.flip(-1) if flipped else probs
-            total = probs if total is None else total.add_(probs)
-            passes += 1
-    return total.div_(passes)
+    return _band_probs(_pass_logits(segmentor, image, scale, ratios, flip, device), image.height, image.width, 0, image.height)
 
 
+@torch.no_grad()
 def predict(
     segmentor: nn.Module,
     image: Image.Image,
@@ -125,5 +206,17 @@ def predict(
     flip: bool = False,
     device: Union[str, torch.device, None] = None,
 ) -> torch.Tensor:
-    """The label map (H, W), int64 on the CPU, of ``predict_probs``: each pixel's most likely class."""
-    return predict_probs(segmentor, image, scale, ratios, flip, device).argmax(0).cpu()
+    """The label map (H, W), int64 on the CPU, of ``predict_probs``: each pixel's most likely class.
+
+    The probabilities are computed a band of rows at a time, so the memory beyond the label map is
+    bounded by the test scale, not the photo: the passes' logits at their scales and
+    ``_BAND_VALUES`` floats. The labels equal ``predict_probs(...).argmax(0)`` exactly.
+    """
+    passes = _pass_logits(segmentor, image, scale, ratios, flip, device)
+    height, width = image.height, image.width
+    labels = torch.empty((height, width), dtype=torch.int64)
+    rows = max(1, _BAND_VALUES // (passes[0].shape[1] * width))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        labels[top:bottom] = _band_probs(passes, height, width, top, bottom).argmax(0).cpu()
+    return labels

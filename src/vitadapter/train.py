@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data.folder import SegmentationFolder
+from .data.folder import IGNORE_INDEX, SegmentationFolder
 from .data.transforms import SegmentationTrainTransform
 from .models.segmentor import Segmentor
 from .staging import append_line, folder_lock, write_atomically
@@ -138,6 +139,8 @@ def _run(options: TrainOptions, rank: int, world: int, device: torch.device) -> 
     if resumed is None and (run_dir / CHECKPOINT).exists():
         raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --out")
     options = _with_recipe(options)
+    if rank == 0:
+        _check_writable(run_dir)
     torch.manual_seed(options.seed)  # the same on every process, as mmseg seeds them
     segmentor = build_segmentor(options, initial_weights=resumed is None)
     crop = _crop_size(options, segmentor)
@@ -145,7 +148,7 @@ def _run(options: TrainOptions, rank: int, world: int, device: torch.device) -> 
     transform = SegmentationTrainTransform(crop, segmentor.pretrained_cfg["mean"], segmentor.pretrained_cfg["std"])
     start = resumed["iteration"] if resumed else 0
     loader = DataLoader(
-        AugmentedFolder(folder, transform),
+        AugmentedFolder(folder, transform, options.num_classes),
         batch_size=options.batch_size,
         sampler=InfiniteSampler(len(folder), options.seed, rank, world, start=start * options.batch_size),
         num_workers=options.workers,
@@ -161,9 +164,7 @@ def _run(options: TrainOptions, rank: int, world: int, device: torch.device) -> 
     optimizer = build_optimizer(segmentor, options.lr, options.weight_decay, options.layer_decay)
     scheduler = poly_schedule(optimizer, options.iters, options.warmup_iters)
     if resumed:
-        segmentor.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        _load_resumed(resumed, run_dir / CHECKPOINT, segmentor, optimizer, scheduler)
     step = LossForward(segmentor)
     if world > 1:
         step = nn.parallel.DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
@@ -270,21 +271,48 @@ class LossForward(nn.Module):
 # ---- data -------------------------------------------------------------------------------------------
 
 
+class DataError(ValueError):
+    """A sample that cannot be trained on (an unreadable file, a label that is no class).
+
+    A DataLoader worker's exception reaches the training process rebuilt from its whole traceback
+    text; this keeps only the message, so the error stays one line naming the file."""
+
+    def __init__(self, message: str):
+        last = message.rstrip().splitlines()[-1] if message.strip() else message
+        marker = f"{type(self).__name__}: "
+        super().__init__(last.partition(marker)[2] if marker in last else message)
+
+
 class AugmentedFolder(Dataset):
     """``dataset[(index, seed)]``: sample ``index`` of ``folder`` through ``transform``, drawing from
-    ``numpy.random.default_rng(seed)``; the sampler chooses both."""
+    ``numpy.random.default_rng(seed)``; the sampler chooses both. Labels must be classes below
+    ``num_classes`` or the ignore index."""
 
-    def __init__(self, folder: SegmentationFolder, transform: SegmentationTrainTransform):
+    def __init__(self, folder: SegmentationFolder, transform: SegmentationTrainTransform, num_classes: int):
         self.folder = folder
         self.transform = transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         index, seed = key
-        item = self.folder[index]
-        return self.transform(item["image"], item["label"], np.random.default_rng(list(seed)))
+        try:
+            item = self.folder[index]
+        except ValueError as e:
+            raise DataError(" ".join(str(e).split())) from e
+        label = item["label"]
+        wrong = (label >= self.num_classes) & (label != IGNORE_INDEX) | (label < 0)
+        if wrong.any():
+            value = int(label[wrong][0])
+            stored = f"stored {value + 1}, " if self.folder.reduce_zero_label else ""
+            raise DataError(
+                f"{self.folder.samples[index][1]} holds label {value} ({stored}{int(wrong.sum())} pixels), not a class of "
+                f"this {self.num_classes}-class model (0 to {self.num_classes - 1}, or {IGNORE_INDEX} to ignore): "
+                "check --num-classes and --no-reduce-zero-label"
+            )
+        return self.transform(item["image"], label, np.random.default_rng(list(seed)))
 
 
 class InfiniteSampler(Sampler):
@@ -314,6 +342,26 @@ class InfiniteSampler(Sampler):
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Create the run's folder and write a file there now, not after hours of training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir) as probe:
+            probe.write(b"0")
+            probe.flush()
+    except OSError as e:
+        raise OSError(f"--out {run_dir}: cannot write there ({e.strerror or e}): pick a folder this user can write to") from e
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` through a staging file; a failed write (a full disk) is one line naming ``path``."""
+    try:
+        write_atomically(path, lambda staging: torch.save(state, staging))
+    except (OSError, RuntimeError) as e:
+        raise OSError(f"cannot write {path}: {' '.join(str(e).split())[:200]} (is the disk full?); "
+                      f"the previous {path.name}, if any, is kept") from e
+
+
 def save_checkpoint(
     path: Path,
     segmentor: nn.Module,
@@ -334,7 +382,7 @@ def save_checkpoint(
         "options": asdict(options),
         "world_size": world_size,
     }
-    write_atomically(path, lambda staging: torch.save(state, staging))
+    _save(path, state)
 
 
 def save_model(path: Path, segmentor: nn.Module, options: TrainOptions) -> None:
@@ -342,7 +390,7 @@ def save_model(path: Path, segmentor: nn.Module, options: TrainOptions) -> None:
     meta = {"architecture": options.model.partition(".")[0], "num_classes": options.num_classes,
             "model_kwargs": options.model_kwargs, "iterations": options.iters}
     state = {"state_dict": segmentor.state_dict(), "meta": meta}
-    write_atomically(path, lambda staging: torch.save(state, staging))
+    _save(path, state)
 
 
 def _read_checkpoint(run_dir: Path, options: TrainOptions, world_size: int) -> dict[str, Any]:
@@ -353,6 +401,7 @@ def _read_checkpoint(run_dir: Path, options: TrainOptions, world_size: int) -> d
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"--resume: cannot read {path} ({' '.join(str(e).split())[:200]})") from e
+    _check_checkpoint(checkpoint, path)
     saved = checkpoint["options"]
     current = asdict(_with_recipe(options))
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if k not in _RUNTIME and saved.get(k) != v]
@@ -361,6 +410,67 @@ def _read_checkpoint(run_dir: Path, options: TrainOptions, world_size: int) -> d
     if checkpoint["world_size"] != world_size:
         raise ValueError(f"--resume: {path} was trained by {checkpoint['world_size']} process(es), this run has {world_size}")
     return checkpoint
+
+
+# what save_checkpoint writes: key -> (type, what it is)
+_CHECKPOINT_ENTRIES = {
+    "model": (dict, "the weights"),
+    "optimizer": (dict, "the optimizer state"),
+    "scheduler": (dict, "the schedule"),
+    "iteration": (int, "the iteration"),
+    "rng": (dict, "the random state"),
+    "options": (dict, "the run's options"),
+    "world_size": (int, "the process count"),
+}
+
+
+def _check_checkpoint(checkpoint: Any, path: Path) -> None:
+    """Refuse a file that is not a train-seg ``last.pth``, naming what is missing or of the wrong kind."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"--resume: {path} is not a train-seg checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    missing = [f"{key} ({what})" for key, (_, what) in _CHECKPOINT_ENTRIES.items() if key not in checkpoint]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a train-seg checkpoint: it lacks {', '.join(missing)}")
+    for key, (kind, what) in _CHECKPOINT_ENTRIES.items():
+        value = checkpoint[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"--resume: {path}: {key} ({what}) should be a {kind.__name__}, it is a {type(value).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint["model"].items()):
+        raise ValueError(f"--resume: {path}: model should map parameter names to tensors")
+    rng, reference = checkpoint["rng"].get("torch"), torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != reference.dtype or rng.shape != reference.shape:
+        raise ValueError(f"--resume: {path}: rng lacks torch's random state (a {tuple(reference.shape)} uint8 tensor)")
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise ValueError(f"--resume: {path}: optimizer is not an optimizer's state_dict (state and param_groups)")
+
+
+def _load_resumed(resumed: dict[str, Any], path: Path, segmentor: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """The weights, optimizer and schedule of a checked checkpoint; one line naming the file when they
+    do not fit this run's model."""
+    state = segmentor.state_dict()
+    missing = sorted(set(state) - set(resumed["model"]))
+    unexpected = sorted(set(resumed["model"]) - set(state))
+    shapes = [f"{k} {tuple(v.shape)} (the model's: {tuple(state[k].shape)})" for k, v in resumed["model"].items()
+              if k in state and v.shape != state[k].shape]
+    problems = [f"{len(missing)} weights missing, e.g. {missing[0]}" if missing else "",
+                f"{len(unexpected)} unknown weights, e.g. {unexpected[0]}" if unexpected else "",
+                f"other shapes: {shapes[0]}" + (f" and {len(shapes) - 1} more" if len(shapes) > 1 else "") if shapes else ""]
+    if any(problems):
+        raise ValueError(f"--resume: {path} does not fit the model: {'; '.join(p for p in problems if p)}")
+    segmentor.load_state_dict(resumed["model"])
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"--resume: {path}: its optimizer state does not fit the model ({' '.join(str(e).split())[:200]})") from e
+    # load_state_dict takes moments of any shape: step() would fail on them
+    for parameter, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                raise ValueError(f"--resume: {path}: its optimizer's {name} of shape {tuple(value.shape)} belongs to "
+                                 f"no parameter of the model (one of shape {tuple(parameter.shape)} sits there)")
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -198,9 +198,7 @@ def segmentation_overlay(
     width, height = image.size
     if labels.shape != (height, width):
         raise ValueError(f"labels are {labels.shape[1]}x{labels.shape[0]}, the image is {width}x{height}")
-    colours = np.asarray(palette, dtype=np.float32)[labels]
-    blended = np.asarray(image.convert("RGB"), dtype=np.float32) * (1 - opacity) + colours * opacity
-    picture = Image.fromarray(blended.round().astype(np.uint8), "RGB").convert("RGBA")
+    picture = Image.fromarray(_blend(np.asarray(image.convert("RGB")), labels, palette, opacity), "RGB").convert("RGBA")
 
     size = max(9, min(24, round(min(width, height) / 20)))
     font, pad = _font(size), max(2, size // 4)
@@ -221,7 +219,10 @@ def segmentation_overlay(
             draw.text((pad, pad + i * alert_line), text, fill=_ALERT + (255,), font=alert_font)
         top = len(lines) * alert_line + pad
 
-    classes, counts = np.unique(labels, return_counts=True)
+    # a count per class: np.unique would sort a copy of a photo-sized label map
+    counts = np.bincount(labels.ravel(), minlength=len(palette))
+    classes = np.flatnonzero(counts)
+    counts = counts[classes]
     order = np.argsort(-counts, kind="stable")
     entries = [(int(classes[i]), f"{names[classes[i]]} {_share(counts[i] / labels.size)}") for i in order]
     rows = max(1, (height - top - 2 * pad) // line)
@@ -239,6 +240,19 @@ def segmentation_overlay(
             draw.rectangle((left + pad, y, left + pad + size - 1, y + size - 1), fill=tuple(palette[k]) + (255,), outline=(0, 0, 0, 255))
         draw.text((left + size + 2 * pad, y), text, fill=(0, 0, 0, 255), font=font)
     return Image.alpha_composite(picture, layer).convert("RGB")
+
+
+def _blend(rgb: np.ndarray, labels: np.ndarray, palette: Sequence[tuple[int, int, int]], opacity: float) -> np.ndarray:
+    """``rgb * (1 - opacity) + colour * opacity`` as 8-bit values, a band of rows at a time: the float
+    arrays of a whole photo would take 24 bytes a pixel."""
+    colours = np.asarray(palette, dtype=np.float32)
+    out = np.empty_like(rgb)
+    rows = max(1, (1 << 20) // max(1, rgb.shape[1]))
+    for top in range(0, rgb.shape[0], rows):
+        band = slice(top, top + rows)
+        blended = rgb[band].astype(np.float32) * (1 - opacity) + colours[labels[band]] * opacity
+        out[band] = blended.round()
+    return out
 
 
 def _share(fraction: float) -> str:

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 Source = Union[str, os.PathLike, IO[bytes]]
+# the vitadapter command sets PIL.Image.MAX_IMAGE_PIXELS from it
+MAX_PIXELS_ENV = "VITADAPTER_MAX_IMAGE_PIXELS"
 
 
 def read_rgb(source: Source, name: str = "") -> Image.Image:
@@ -26,6 +28,8 @@ def read_rgb(source: Source, name: str = "") -> Image.Image:
             return _to_rgb(im)
     except UnidentifiedImageError:
         raise ValueError(f"{name} is not an image file Pillow can read (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(_bomb(name, e)) from None
     except (OSError, SyntaxError) as e:  # truncated or corrupt data; SyntaxError: some broken headers
         raise ValueError(f"cannot read image {name}: {' '.join(str(e).split())}") from e
 
@@ -40,8 +44,18 @@ def read_label(source: Source, name: str = "") -> np.ndarray:
             return np.asarray(im if im.mode != "LA" else im.getchannel("L")).astype(np.int64)
     except UnidentifiedImageError:
         raise ValueError(f"{name} is not a label image Pillow can read (PNG)") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(_bomb(name, e)) from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"cannot read label map {name}: {' '.join(str(e).split())}") from e
+
+
+def _bomb(name: str, error: Exception) -> str:
+    return (
+        f"{name}: {' '.join(str(error).split())} Pillow refuses images over twice PIL.Image.MAX_IMAGE_PIXELS "
+        f"({Image.MAX_IMAGE_PIXELS:,}); for a file you trust, raise it (the vitadapter command: "
+        f"{MAX_PIXELS_ENV}=N)"
+    )
 
 
 def _open(source: Source) -> Image.Image:

@@ -555,8 +555,11 @@ def ms_deform_attn(
     ):
         if not isinstance(t, torch.Tensor) or t.dim() != dims:
             raise ValueError(f"{name} must be a {dims}-D tensor, got {_describe(t)}")
+    for name, t in (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     batch, queries, heads, levels, points, _ = sampling_locations.shape
-    if spatial_shapes.shape != (levels, 2) or spatial_shapes.is_floating_point():
+    if spatial_shapes.shape != (levels, 2) or spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
         raise ValueError(f"spatial_shapes must be an integer ({levels}, 2) tensor, got {_describe(spatial_shapes)}")
     if value.shape[0] != batch or value.shape[2] != heads or sampling_locations.shape[-1] != 2:
         raise ValueError(
@@ -568,6 +571,8 @@ def ms_deform_attn(
         )
     if not torch.compiler.is_compiling():
         shapes = _python_shapes(spatial_shapes)
+        if any(h < 1 or w < 1 for h, w in shapes):
+            raise ValueError(f"spatial_shapes must hold positive (height, width) pairs, got {shapes}")
         starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
         if level_start_index.tolist() != starts:
             raise ValueError(f"level_start_index {level_start_index.tolist()} does not match spatial_shapes {shapes}")

@@ -353,6 +353,9 @@ def _checked_image(x: torch.Tensor, in_chans: int, like: torch.Tensor) -> torch.
         raise ValueError(f"ViTAdapter expects a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"ViTAdapter expects a floating-point image, got dtype {x.dtype}")
+    if x.device.type == "meta" or like.device.type == "meta":
+        raise ValueError("ViTAdapter cannot run on the meta device (it holds shapes, not values): "
+                         "build or move the model to cpu or cuda, with an image there")
     if x.shape[1] != in_chans:
         raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if min(x.shape[-2:]) < MIN_SIZE:
