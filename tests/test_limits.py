@@ -267,7 +267,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_debris(shapes, tm
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and f"cannot write {run / CHECKPOINT}" in done.stderr, done.stderr
-    assert [p.name for p in run.iterdir() if p.name != "log.jsonl"] == []  # no last.pth, no staging file
+    # no last.pth, no staging file (a run folder the failed run made and left empty is removed)
+    assert not run.exists() or [p.name for p in run.iterdir() if p.name != "log.jsonl"] == []
 
 
 # ---- images and options the CLI refuses in one line -------------------------------------------------------
@@ -407,7 +408,7 @@ from vitadapter import hub, memory_check  # noqa: E402
 
 HEAVY = {
     "a named 7B trunk": ("vit_adapter", dict(trunk="vit_7b_patch16_dinov3", deform_num_heads=16), None,
-                         r"a model of 7\.\d\d B parameters, over vitadapter's ceiling of 2 B"),
+                         r"needs about \d+\.\d GiB \(7,\d{3} M parameters"),
     "a timm trunk of a million tokens": ("vit_adapter", dict(trunk="vit_small_patch16_224", trunk_kwargs=dict(img_size=2048, patch_size=1)),
                                          [3, 512, 512], r"needs about \d+\.\d GiB \(1,6\d\d M parameters.*largest activation for one 512x512 image"),
     "heads 4096 wide": ("upernet_vit_adapter_t", dict(num_classes=150, head_channels=4096, aux_channels=4096), None,

@@ -73,7 +73,9 @@ def largest_activation(model: nn.Module, input_size: tuple[int, ...]) -> int:
 
     handle = nn.modules.module.register_module_forward_hook(record)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.inference_mode():
+        # no_grad, not inference_mode: trunks key caches on buffers' version counters, which inference
+        # tensors lack
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             model.to_empty(device="cpu").requires_grad_(False).eval()(torch.empty(1, *input_size))
     finally:
         handle.remove()
