@@ -19,7 +19,7 @@ from conftest import FIXTURES
 from local_server import LocalServer
 from vitadapter import catalog, create_model, list_models, list_pretrained
 from vitadapter.cli import main, torch_hub_dir
-from vitadapter.hub import fetch_weights
+from vitadapter.weights.fetch import fetch_weights
 from vitadapter._meta import meta_device
 from vitadapter.models import FAMILY_MODULES
 from vitadapter.visualize import pca_rgb, principal_directions, pyramid_picture

@@ -229,7 +229,8 @@ def test_junk_dinov2_values_are_named(field):
 
 
 def test_junk_segmentation_head_and_test_values_are_named():
-    from vitadapter.converters.mmseg import build_head, inference_kwargs
+    from vitadapter.converters.mmseg import inference_kwargs
+    from vitadapter.models.from_upstream import build_head
     from vitadapter.converters.mmseg_mask2former import mask2former_head_kwargs
 
     with pytest.raises(ValueError, match="test_cfg.crop_size must be an integer, got 'big'"):

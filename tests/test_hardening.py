@@ -22,8 +22,9 @@ import vitadapter
 from conftest import FIXTURES
 from local_server import HubUploads, LocalServer, SilentTLS, hub_endpoint
 from vitadapter import hub, upstream
+from vitadapter.weights import fetch, read
 from vitadapter.cli import main
-from vitadapter.download import STALL_ENV, TIMEOUT_ENV, DownloadTimeout, Limits, download_limits
+from vitadapter.weights.download import STALL_ENV, TIMEOUT_ENV, DownloadTimeout, Limits, download_limits
 
 CONVERT_CFG = json.loads((FIXTURES / "seg_upernet.json").read_text())
 
@@ -308,7 +309,7 @@ def test_a_killed_download_leaves_staging_that_the_next_run_removes(tmp_path):
     assert len(leftovers(cache)) == 1
 
     with LocalServer({RELEASE: content}) as server:
-        path = hub.fetch_weights(dict(url=server.url + RELEASE), cache_dir=cache)
+        path = fetch.fetch_weights(dict(url=server.url + RELEASE), cache_dir=cache)
     assert path.read_bytes() == content
     assert [p.name for p in cache.iterdir()] == [path.name]
 
@@ -348,11 +349,11 @@ def test_a_zip_bomb_is_refused_before_anything_is_unpacked(tmp_path, private_tmp
 
 
 def test_archive_members_and_sizes_are_bounded(tmp_path, private_tmp, monkeypatch):
-    monkeypatch.setattr(upstream, "MAX_UNPACKED_BYTES", 1 << 20)
+    monkeypatch.setattr(read, "MAX_UNPACKED_BYTES", 1 << 20)
     big = zip_with(tmp_path / "big.zip", {"big.pth": 2 << 20}, compression=zipfile.ZIP_STORED)
     with pytest.raises(ValueError, match="big.pth would take 2097152 bytes, more than vitadapter's ceiling of 1048576"):
         upstream.read_checkpoint(big)
-    monkeypatch.setattr(upstream, "MAX_ARCHIVE_MEMBERS", 3)
+    monkeypatch.setattr(read, "MAX_ARCHIVE_MEMBERS", 3)
     many = zip_with(tmp_path / "many.zip", {f"notes{i}.txt": b"x" for i in range(4)} | {"a.pth": b"x"})
     with pytest.raises(ValueError, match="many.zip: it lists 5 members, more than the 3"):
         upstream.read_checkpoint(many)

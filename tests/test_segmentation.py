@@ -11,7 +11,8 @@ from torch import nn
 
 import vitadapter
 from vitadapter._meta import meta_device
-from vitadapter.converters.mmseg import load_segmentor_checkpoint, load_upstream_segmentor
+from vitadapter.models.checkpoints import load_segmentor_checkpoint
+from vitadapter.models.from_upstream import load_upstream_segmentor
 from vitadapter.data import ade20k, cityscapes, coco_stuff
 from vitadapter.heads import FCNHead, Mask2FormerHead, UPerHead
 from vitadapter.models import SEGMENTOR_MODULES, Segmentor

@@ -332,7 +332,7 @@ def test_torchrun_two_cpu_processes(shapes, tmp_path):
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from vitadapter.staging import folder_lock
+from vitadapter.weights.staging import folder_lock
 with folder_lock(Path(sys.argv[1]), "train-seg run"):
     print("locked", flush=True)
     time.sleep(600)

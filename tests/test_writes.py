@@ -19,7 +19,7 @@ import vitadapter
 from vitadapter import hub
 from vitadapter.cli import main
 from vitadapter.integrations.onnx import export_onnx
-from vitadapter.staging import append_line, save_image, write_atomically
+from vitadapter.weights.staging import append_line, save_image, write_atomically
 
 TINY = dict(embed_dim=24, depth=1, num_heads=3, deform_num_heads=3, conv_inplane=8, interaction_indexes=[0],
             vit_feature_source="final")
@@ -182,7 +182,7 @@ def test_a_log_line_that_does_not_fit_is_undone(tmp_path):
     log = tmp_path / "log.jsonl"
     append_line(log, json.dumps({"iteration": 1}))
     before = log.read_bytes()
-    script = f"from vitadapter.staging import append_line\nappend_line({str(log)!r}, 'x' * 1000)\n"
+    script = f"from vitadapter.weights.staging import append_line\nappend_line({str(log)!r}, 'x' * 1000)\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=ENV,
                           preexec_fn=lambda: with_file_size_limit(len(before) + 10))
     assert done.returncode != 0 and ("File too large" in done.stderr or "short write" in done.stderr), done.stderr

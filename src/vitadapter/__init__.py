@@ -21,15 +21,16 @@ _EXPORTS = {
     "create_model": "_factory",
     "list_models": "_factory",
     "list_pretrained": "_factory",
-    "load_upstream": "upstream",
-    "load_upstream_segmentor": "converters.mmseg",
+    "load_upstream": "models.from_upstream",
+    "load_upstream_segmentor": "models.from_upstream",
     "Segmentor": "models",
     "ms_deform_attn": "layers.msda_op",
     "push_to_hub": "hub",
     "save_pretrained": "hub",
 }
 _SUBPACKAGES = (
-    "converters", "data", "heads", "hub", "integrations", "kernels", "layers", "models", "trunks", "upstream", "visualize",
+    "converters", "data", "detection", "heads", "hub", "integrations", "kernels", "layers", "models", "trunks", "upstream",
+    "visualize", "weights",
 )
 # modules that do not import torch (what the command needs to start)
 _LIGHT = ("catalog", "cli")
@@ -40,9 +41,8 @@ if TYPE_CHECKING:
     from ._factory import create_model, list_models, list_pretrained
     from .hub import push_to_hub, save_pretrained
     from .layers.msda_op import ms_deform_attn
-    from .converters.mmseg import load_upstream_segmentor
     from .models import Segmentor, ViTAdapter
-    from .upstream import load_upstream
+    from .models.from_upstream import load_upstream, load_upstream_segmentor
 
 
 def __getattr__(name: str) -> Any:

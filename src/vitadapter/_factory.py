@@ -9,7 +9,7 @@ from torch import nn
 
 from . import hub, models  # noqa: F401  (models registers the architectures with timm)
 from .memory_check import check_model_memory
-from .staging import read_consistently
+from .weights.staging import read_consistently
 
 
 def list_models(pattern: str = "") -> list[str]:

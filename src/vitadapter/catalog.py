@@ -5,6 +5,9 @@ importing torch (seconds on a small machine). The file is generated from the reg
 checks that it still matches. After adding or changing an architecture or a tag, regenerate it:
 
     python -m vitadapter.catalog
+
+Only the reading side is imported at the top: building the catalog needs torch and the models, which
+the functions that build it import themselves, so that ``vitadapter list`` starts without them.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .staging import write_atomically
+from .weights.staging import write_atomically
 
 PATH = Path(__file__).with_name("catalog.json")
 
@@ -63,7 +66,7 @@ def weights() -> dict[str, dict[str, Any]]:
     from timm.models import get_pretrained_cfg
 
     from . import list_pretrained
-    from .hub import WEIGHTS_NAME
+    from .weights.fetch import WEIGHTS_NAME
 
     entries = {}
     for name in list_pretrained():

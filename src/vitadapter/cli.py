@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from . import __version__, _json, catalog
-from .staging import check_destination, inputs_in_the_way, save_image, staging_folder
+from .weights.staging import check_destination, inputs_in_the_way, save_image, staging_folder
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .upstream import Conversion
+    from .converters.backbone import Conversion
 
 DEBUG_ENV = "VITADAPTER_DEBUG"
 # Errors whose message says all a user needs (a bad file, name, option, no network); other types
@@ -540,8 +540,9 @@ def _segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back
         _check_segmentor(model, args.model)
         weights: Optional[str] = args.weights
     elif args.weights is not None:
-        from .converters.mmseg import checkpoint_num_classes, load_segmentor_checkpoint
-        from .hub import read_weights
+        from .converters.mmseg import checkpoint_num_classes
+        from .models.checkpoints import load_segmentor_checkpoint
+        from .weights.read import read_weights
 
         checkpoint = read_weights(args.weights)
         classes = checkpoint_num_classes(checkpoint)
@@ -621,8 +622,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise _exists(dst)
     if args.arch and _is_segmentor(args.arch):
         return _convert_segmentor(args.src, args.arch, model_kwargs, dst)
-    from .hub import read_weights
-    from .upstream import load_checkpoint
+    from .weights.read import read_weights
+    from .models.checkpoints import load_checkpoint
 
     model, pretrained_cfg = _model_to_convert(args, model_kwargs)
     # One line per step on stderr: readable in a terminal and in a log file alike.
@@ -640,9 +641,10 @@ def _convert_segmentor(src: str, arch: str, model_kwargs: dict[str, Any], dst: P
     """A whole segmentation checkpoint (backbone.*, decode_head.*, auxiliary_head.*) into the folder of
     registered segmentor ``arch``, built for the checkpoint's class count and loaded strictly."""
     from . import create_model
-    from .converters.mmseg import checkpoint_num_classes, load_segmentor_checkpoint
-    from .hub import read_weights
-    from .upstream import Conversion
+    from .converters.mmseg import checkpoint_num_classes
+    from .models.checkpoints import load_segmentor_checkpoint
+    from .weights.read import read_weights
+    from .converters.backbone import Conversion
 
     _step(1, f"reading {src}")
     checkpoint = read_weights(src)
@@ -709,8 +711,8 @@ def _model_to_convert(
 ) -> tuple["torch.nn.Module", Optional[dict[str, Any]]]:
     """The backbone the checkpoint is converted for, and pretrained_cfg entries for its config.json."""
     from . import create_model, load_upstream
-    from .config_checks import check_pretrained_cfg, input_channels
-    from .upstream import model_kwargs
+    from .models.config_checks import check_pretrained_cfg, input_channels
+    from .models.from_upstream import model_kwargs
 
     if args.arch:
         return create_model(args.arch, pretrained=False, **arch_kwargs), None
@@ -735,7 +737,7 @@ def _model_to_convert(
 
 def _save_new_folder(model: "torch.nn.Module", dst: Path, pretrained_cfg: Optional[dict[str, Any]]) -> None:
     """Write into a staging folder beside ``dst`` and rename it: an error leaves no partial ``dst``, and
-    a killed run's staging folder is removed by the next run (``vitadapter.staging``)."""
+    a killed run's staging folder is removed by the next run (``vitadapter.weights.staging``)."""
     from .hub import save_pretrained
 
     with staging_folder(dst) as staging:

@@ -1,58 +1,48 @@
-"""Weights on disk and on the Hugging Face Hub, and fetching every registered weight source.
+"""vitadapter folders: ``save_pretrained``, ``push_to_hub`` and reading a folder's ``config.json``.
 
 A vitadapter folder (local, or a Hub model repo) holds ``config.json`` in timm's layout
 (``architecture``, ``model_args`` with every constructor argument, ``pretrained_cfg``) and
 ``model.safetensors`` with vitadapter's own keys, so ``timm.create_model("hf-hub:...")`` reads it
 too. A backbone's folder names its architecture (or the generic ``vit_adapter``); a segmentor's
 names its registered segmentor, with the backbone's arguments, ``num_classes`` and the heads' own
-(``head_channels``, ``num_queries``, ...) as ``model_args`` and its class names as ``label_names``. Registered tags point at a timm Hub repo (ImageNet trunk) or an upstream release URL; both
-are downloaded into a cache once and converted on load (conversion lives in ``upstream``).
+(``head_channels``, ``num_queries``, ...) as ``model_args`` and its class names as ``label_names``. This module sits above the models (it describes them); fetching files is ``weights.fetch``'s.
 """
 from __future__ import annotations
 
 import copy
-import http.client
 import json
 import logging
 import os
-import re
-import shutil
 import stat
 import tempfile
-import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Optional, Union
 
 import timm
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.file_download import repo_folder_name
-from huggingface_hub.utils import build_hf_headers
-from huggingface_hub.utils.sha import git_hash, sha_fileobj
+from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models import PretrainedCfg, get_pretrained_cfg, parse_model_name
 from timm.models._hub import _parse_model_cfg
 
 from . import _json
 from ._meta import meta_device
-from .config_checks import check_config_json
-from .download import DownloadError, Limits, Transfer, bounded_hub_calls, download_limits, open_url
 from .models import FAMILY_MODULES, SEGMENTOR_MODULES
+from .models.config_checks import check_config_json
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
-from .staging import new_save_id, remove_stale, write_atomically
-from .upstream import Conversion, load_checkpoint, read_checkpoint
+from .weights.download import bounded_hub_calls, download_limits
+from .weights.fetch import WEIGHTS_NAME, hub_file
+from .weights.staging import new_save_id, write_atomically
 
 PathLike = Union[str, os.PathLike]
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # what push_to_hub uploads from a folder: the format's files, nothing else that happens to be there
 UPLOADED = (CONFIG_NAME, WEIGHTS_NAME)
 MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB; this is not one
-MAX_GIT_FILE = 50 << 20  # the Hub keeps files over 10 MB in LFS (sha256 ETags); git's hash reads it whole
 # the key of the id of one save_pretrained call, in config.json and in the weights' metadata
 SAVE_ID = "vitadapter_save"
 # pretrained_cfg entries config.json leaves out: where the weights came from (misleading once they sit
@@ -72,7 +62,7 @@ def save_pretrained(
     ``model``: a backbone, or a segmentor built from the registry (``create_model("upernet_...")``,
     trained or not; one assembled otherwise is refused, see ``segmentor_config``).
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
-    under a staging name and renamed (``vitadapter.staging``), so an interrupted save leaves no
+    under a staging name and renamed (``vitadapter.weights.staging``), so an interrupted save leaves no
     half-written file, and both get the usual umask-respecting mode. Both files carry the id of
     this save (``SAVE_ID``), the weights written first: ``create_model("local-dir:...")`` checks
     that it built the model from one save even while another process re-saves the folder.
@@ -194,7 +184,7 @@ def read_config(
     name: str, cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``config.json`` behind ``local-dir:FOLDER`` or ``hf-hub:org/name`` (Hub files are cached;
-    ``timeout``: seconds for the download, see ``vitadapter.download``), and where its weights are:
+    ``timeout``: seconds for the download, see ``vitadapter.weights.download``), and where its weights are:
     the folder, or the Hub repo at the commit this config.json came from (``hf_hub_id`` "org/name@COMMIT"),
     so that the weights and the config are of one version."""
     source, location = parse_model_name(name)
@@ -204,7 +194,7 @@ def read_config(
             raise FileNotFoundError(f"{location} has no {CONFIG_NAME} (vitadapter.save_pretrained writes one)")
         origin = {"file": location, "source": "local-dir"}
     else:
-        path = _from_hub(location, CONFIG_NAME, cache_dir, f"{CONFIG_NAME} of {name}", timeout)
+        path = hub_file(location, CONFIG_NAME, cache_dir, f"{CONFIG_NAME} of {name}", timeout)
         # the cache keeps every file at snapshots/COMMIT/FILE
         origin = {"hf_hub_id": f"{location.partition('@')[0]}@{path.parent.name}", "source": "hf-hub"}
     return _parse_json(path.read_bytes(), path), origin
@@ -246,57 +236,6 @@ def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(
-    model: ViTAdapter,
-    pretrained_cfg: Mapping[str, Any],
-    cache_dir: Optional[PathLike] = None,
-    timeout: Optional[float] = None,
-) -> Conversion:
-    """Fetch the weights ``pretrained_cfg`` points at (file, folder, Hub repo or URL) and load them."""
-    checkpoint = pretrained_cfg.get("state_dict") or read_weights(fetch_weights(pretrained_cfg, cache_dir, timeout))
-    return load_checkpoint(model, checkpoint)
-
-
-def fetch_weights(
-    pretrained_cfg: Mapping[str, Any], cache_dir: Optional[PathLike] = None, timeout: Optional[float] = None
-) -> Path:
-    """A local path to the weights of ``pretrained_cfg``, downloading into the cache when needed.
-
-    Precedence as in timm: an ``hf-hub`` source, a local file or folder, a Hub repo, a URL. Downloads
-    run under ``timeout`` seconds overall and a minimum-progress rule (``vitadapter.download``).
-    """
-    name = ".".join(filter(None, (pretrained_cfg.get("architecture"), pretrained_cfg.get("tag")))) or "this model"
-    hub_id, file, url = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("file"), pretrained_cfg.get("url")
-    filename = pretrained_cfg.get("hf_hub_filename") or WEIGHTS_NAME
-    if hub_id and pretrained_cfg.get("source") == "hf-hub":
-        # a Hub folder's config keeps the tag it was saved from: the repo is what failed
-        return _from_hub(hub_id, filename, cache_dir, f"the weights of hf-hub:{hub_id}", timeout)
-    if file:
-        path = Path(file)
-        path = path / WEIGHTS_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise FileNotFoundError(f"no weights file at {path} (given for {name})")
-        return path
-    if hub_id:
-        return _from_hub(hub_id, filename, cache_dir, f"the weights of {name}", timeout)
-    if url:
-        return _from_url(url, cache_dir, f"the weights of {name}", timeout)
-    raise ValueError(f"no pretrained weights are registered for {name}; pass pretrained_cfg_overlay=dict(file=PATH)")
-
-
-def read_weights(path: PathLike) -> Any:
-    """A weights file: safetensors, or a ``torch.save`` file / upstream ``.zip`` (``upstream.read_checkpoint``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if not (path.suffix == ".safetensors" or _has_safetensors_header(path)):
-        return read_checkpoint(path)
-    try:
-        return load_file(path)
-    except (SafetensorError, ValueError) as e:
-        raise ValueError(f"could not read {path}: the safetensors file is truncated or corrupt ({e})") from e
-
-
 def push_to_hub(
     model_or_folder: Union[ViTAdapter, Segmentor, PathLike],
     repo_id: str,
@@ -313,7 +252,7 @@ def push_to_hub(
     folder), each a regular file opened without following a symlink, and only once the folder is
     checked to load (``check_upload``). The upload runs under the download limits: ``timeout``
     seconds overall ($VITADAPTER_DOWNLOAD_TIMEOUT) and the minimum-progress rule
-    ($VITADAPTER_DOWNLOAD_STALL), see ``vitadapter.download``.
+    ($VITADAPTER_DOWNLOAD_STALL), see ``vitadapter.weights.download``.
     """
     if isinstance(model_or_folder, torch.nn.Module):
         with tempfile.TemporaryDirectory() as folder:
@@ -411,165 +350,3 @@ def _no_fallback_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
-
-
-def _has_safetensors_header(path: Path) -> bool:
-    """safetensors files start with an 8-byte little-endian header length, then the JSON header."""
-    with open(path, "rb") as f:
-        start = f.read(9)
-    return len(start) == 9 and start[8:] == b"{"
-
-
-def _unavailable(what: str, where: str, error: Any) -> str:
-    return (
-        f"cannot fetch {what} from {where} ({error}). Without network access (or with "
-        "HF_HUB_OFFLINE=1) and nothing cached, download that file on another machine and pass it: "
-        "create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
-    )
-
-
-def _from_hub(hub_id: str, filename: str, cache_dir: Optional[PathLike], what: str, timeout: Optional[float]) -> Path:
-    """A Hub file, kept in huggingface_hub's cache layout (so the Hub client, timm and
-    ``HF_HUB_OFFLINE=1`` find it) but fetched by vitadapter's bounded download: ``hf_hub_download``
-    retries for minutes against a server that accepts connections and never answers. ``what``
-    ("the weights of hf-hub:org/name") names the file in errors."""
-    repo, _, revision = hub_id.partition("@")
-    revision = revision or constants.DEFAULT_REVISION
-    _check_repo_path(filename, "file name")
-    _check_repo_path(revision, "revision")
-    url = hf_hub_url(repo, filename, revision=revision)
-    limits = download_limits(timeout)
-    cache = Path(cache_dir or constants.HF_HUB_CACHE)
-    if constants.HF_HUB_OFFLINE:
-        cached = _hub_cached(repo, filename, revision, cache)
-        if cached is None:
-            raise FileNotFoundError(_unavailable(what, f"Hub repo {repo} ({url})", "offline mode, and no cached copy"))
-        return cached
-    try:
-        return _hub_download(url, repo, filename, revision, cache, limits)
-    except (OSError, http.client.HTTPException) as e:
-        # as huggingface_hub does, a Hub that cannot be reached (or sends a broken file) falls back on
-        # the cached copy, if there is a whole one
-        cached = _hub_cached(repo, filename, revision, cache)
-        if cached is None or not _looks_whole(cached, None, filename.endswith(".safetensors")):
-            raise FileNotFoundError(_unavailable(what, f"Hub repo {repo} ({url})", e)) from e
-        return cached
-
-
-def _hub_download(url: str, repo: str, filename: str, revision: str, cache: Path, limits: Limits) -> Path:
-    """Download into the cache as huggingface_hub lays it out: ``blobs/ETAG``, a relative symlink to it
-    at ``snapshots/COMMIT/FILE`` and ``refs/REVISION`` holding the commit.
-
-    What enters the cache has the length and the hash (the ETag: sha256 for large files, git's sha1
-    for others) the Hub announced; a cached copy that does not look whole (another length than the
-    Hub's, or a safetensors file whose header does not cover it, as a cut download or a captive
-    portal's page left by another tool) is downloaded again instead of being kept."""
-    storage = cache / repo_folder_name(repo_id=repo, repo_type="model")
-    headers = build_hf_headers()
-    token = {k: headers.pop(k) for k in list(headers) if k.lower() == "authorization"}
-    with open_url(url, limits, headers=headers, private_headers=token) as transfer:
-        commit, etag, size = _hub_version(transfer)
-        pointer = storage / "snapshots" / commit / filename
-        blob = storage / "blobs" / etag
-        safetensors = filename.endswith(".safetensors")
-        if not _looks_whole(pointer, size, safetensors):
-            if not _looks_whole(blob, size, safetensors):
-                transfer.save(blob, check=lambda path: _check_blob(path, etag, size, url))
-            if pointer.is_symlink() or pointer.exists():
-                pointer.unlink()  # a broken copy, or a link to another blob
-            _link(blob, pointer)
-    if revision != commit:
-        ref = storage / "refs" / revision
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(ref, lambda path: path.write_text(commit))
-    return pointer
-
-
-def _hub_version(transfer: Transfer) -> tuple[str, str, Optional[int]]:
-    """(commit, blob id, size if announced) of a Hub file, from the Hub's own response: for large files,
-    the redirect to the storage host, whose ``X-Linked-Etag`` and ``X-Linked-Size`` describe the blob."""
-    for headers in reversed(transfer.hops):
-        commit = headers.get(constants.HUGGINGFACE_HEADER_X_REPO_COMMIT)
-        if commit:
-            etag = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_ETAG) or headers.get("ETag") or ""
-            etag = etag.removeprefix("W/").strip('"')
-            size = headers.get(constants.HUGGINGFACE_HEADER_X_LINKED_SIZE) or transfer.hops[-1].get("Content-Length")
-            break
-    else:
-        raise DownloadError(f"{transfer.url} answered without the Hub's X-Repo-Commit header: is HF_ENDPOINT a Hub?")
-    # both become file names in the cache: nothing but a commit hash and a plain blob id is accepted
-    if not re.fullmatch(r"[0-9a-f]{40}", commit) or not re.fullmatch(r"[0-9A-Za-z_-]{1,128}", etag):
-        raise DownloadError(f"{transfer.url} answered with an unexpected commit {commit!r} or ETag {etag!r}")
-    return commit, etag, int(size) if size and size.isdigit() else None
-
-
-def _check_blob(path: Path, etag: str, size: Optional[int], url: str) -> None:
-    """Refuse a downloaded file whose length or hash is not the one the Hub announced."""
-    length = path.stat().st_size
-    if size is not None and length != size:
-        raise DownloadError(f"{url} sent {length} bytes where the Hub announced {size}: not cached")
-    if re.fullmatch(r"[0-9a-f]{64}", etag):
-        with open(path, "rb") as f:
-            digest = sha_fileobj(f).hex()
-    elif re.fullmatch(r"[0-9a-f]{40}", etag) and length <= MAX_GIT_FILE:
-        digest = git_hash(path.read_bytes())
-    else:
-        return
-    if digest != etag:
-        raise DownloadError(f"{url} sent a file whose hash {digest} is not its ETag {etag} (a proxy's page, or a cut file): not cached")
-
-
-def _looks_whole(path: Path, size: Optional[int], safetensors: bool) -> bool:
-    """Whether a cached file is there and, as far as a cheap look tells, whole: the announced length,
-    and for ``safetensors`` a header that parses and covers the file."""
-    if not path.is_file() or (size is not None and path.stat().st_size != size):
-        return False
-    if not safetensors:
-        return True
-    try:
-        with safe_open(path, "pt"):
-            return True
-    except (SafetensorError, OSError, ValueError):
-        return False
-
-
-def _link(blob: Path, pointer: Path) -> None:
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-    except FileExistsError:  # another process linked it first
-        pass
-    except OSError:  # no symlinks here (Windows without developer mode): a copy, as huggingface_hub makes
-        write_atomically(pointer, lambda path: shutil.copyfile(blob, path))
-
-
-def _hub_cached(repo: str, filename: str, revision: str, cache: Path) -> Optional[Path]:
-    cached = try_to_load_from_cache(repo, filename, cache_dir=cache, revision=revision)
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def _check_repo_path(value: str, what: str) -> None:
-    """A file name or revision from a config must stay inside the repo's cache folder."""
-    parts = value.replace("\\", "/").split("/")
-    if not value or value.startswith("/") or ".." in parts:
-        raise ValueError(f"Hub {what} {value!r} must be a relative path inside the repository")
-
-
-def _from_url(url: str, cache_dir: Optional[PathLike], what: str, timeout: Optional[float]) -> Path:
-    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
-    filename = Path(urllib.parse.urlparse(url).path).name
-    if filename in ("", ".", ".."):
-        raise ValueError(f"the weights URL {url!r} does not end in a file name")
-    target = folder / filename
-    limits = download_limits(timeout)
-    remove_stale(folder)
-    if target.is_file():
-        return target
-    if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(_unavailable(what, url, f"offline mode, and no cached copy at {target}"))
-    try:
-        with open_url(url, limits) as transfer:
-            transfer.save(target)
-    except (OSError, http.client.HTTPException) as e:
-        raise FileNotFoundError(_unavailable(what, url, e)) from e
-    return target

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._meta import meta_device
-from .config_checks import MAX_PARAMETERS
+from .models.config_checks import MAX_PARAMETERS
 
 ALLOW_ENV = "VITADAPTER_ALLOW_LARGE_MODELS"
 # live activations at once, in units of the largest one (a block's input, output and residual)

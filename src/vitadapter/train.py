@@ -28,10 +28,11 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ._factory import create_model
 from .data.folder import IGNORE_INDEX, SegmentationFolder
 from .data.transforms import SegmentationTrainTransform
 from .models.segmentor import Segmentor
-from .staging import append_line, folder_lock, write_atomically
+from .weights.staging import append_line, folder_lock, write_atomically
 
 CHECKPOINT = "last.pth"
 FINAL = "model.pth"
@@ -203,8 +204,6 @@ def build_segmentor(options: TrainOptions, initial_weights: bool = True) -> Segm
     """The segmentor to train. Initial weights, first that applies: ``weights`` (a whole segmentor
     file; a classifier for another class count is left fresh), ``NAME.TAG`` (that release), the
     backbone's ImageNet trunk (``pretrained_backbone``), random."""
-    from . import create_model
-
     kwargs = dict(options.model_kwargs, num_classes=options.num_classes)
     if not initial_weights:  # resuming: the checkpoint brings the weights (the tag, its preprocessing)
         return create_model(options.model, **kwargs)

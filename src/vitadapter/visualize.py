@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .data import ade20k, cityscapes, coco_stuff
+
 # A component this much weaker than the first is rounding noise, not structure; stretching it to
 # full contrast would paint noise as if it were a pattern.
 _NEGLIGIBLE = 1e-4
@@ -159,8 +161,6 @@ def class_palette(num_classes: int, class_names: Sequence[str] | None = None) ->
     """An RGB colour per class: the dataset's own palette when the names are a bundled dataset's
     (ADE20K, COCO-Stuff, Cityscapes), else colours spread around the hue circle (golden-ratio steps,
     alternating brightness) so that neighbouring indices differ."""
-    from .data import ade20k, cityscapes, coco_stuff
-
     for dataset in (ade20k, coco_stuff, cityscapes):
         if class_names is not None and tuple(class_names) == dataset.CLASSES:
             return list(dataset.PALETTE)

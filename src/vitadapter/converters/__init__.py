@@ -1,5 +1,7 @@
-"""Key and config maps for the adapters of other codebases (DINOv2's, DINOv3's).
+"""Foreign configs and checkpoints -> vitadapter's: the only place that knows other codebases' names.
 
-Each module turns that code's constructor kwargs into ``ViTAdapter`` kwargs and its state dict
-into this package's layout; ``vitadapter.load_upstream`` picks the module by codebase name.
+``backbone`` (upstream ViT-Adapter's backbones, and every checkpoint layout a ViTAdapter loads),
+``mmseg`` / ``mmseg_mask2former`` (upstream's segmentation heads), ``mmdet`` (its detectors),
+``dinov2``, ``dinov3`` and ``uniperceiver``. Dicts in, dicts out: a converter returns constructor
+keyword arguments and renamed state dicts; ``vitadapter.models`` builds and loads.
 """

@@ -1,22 +1,19 @@
-"""Upstream's whole segmentation models (mmseg 0.x ``model`` dicts and checkpoints) -> ``Segmentor``.
+"""Upstream's whole segmentation models (mmseg 0.x ``model`` dicts and checkpoints) -> vitadapter's.
 
 Upstream's segmentation configs describe a model as ``dict(backbone=..., decode_head=...,
 auxiliary_head=..., test_cfg=...)``; its checkpoints hold ``backbone.*``, ``decode_head.*`` and
-``auxiliary_head.*``. The heads here keep mmseg's parameter names, so only the backbone's keys are
-converted (by ``vitadapter.upstream``); head entries load as they are.
+``auxiliary_head.*``. vitadapter's heads keep mmseg's parameter names, so only the backbone's keys
+are converted (``converters.backbone``); head entries load as they are. Configs become the heads'
+keyword arguments here; ``models.from_upstream`` builds them.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-from torch import nn
-
-from ..heads import FCNHead, Mask2FormerHead, UPerHead
-from ..models.segmentor import Segmentor
+from ..weights.read import as_dict, unwrap
 from .fields import as_float, as_int
 from .mmseg_mask2former import mask2former_head_kwargs
-from ..upstream import Checkpoint, _as_dict, _unwrap, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
 
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
 
@@ -27,16 +24,8 @@ _MODEL_IGNORED = ("type", "pretrained", "train_cfg", "init_cfg", "_delete_")
 _MODEL_TYPES = ("EncoderDecoder", "EncoderDecoderMask2Former")
 
 
-def load_upstream_segmentor(model_cfg: Mapping[str, Any], checkpoint: Optional[Checkpoint] = None) -> Segmentor:
-    """Build upstream's segmentation model from its ``model`` dict and load a whole checkpoint.
-
-    ``model_cfg``: ``backbone`` (a ``ViTAdapter`` / ``BEiTAdapter`` dict, as ``vitadapter.load_upstream``
-    takes with codebase "segmentation"), ``decode_head`` (``UPerHead`` or ``Mask2FormerHead``, whose
-    training settings may come in the model's ``train_cfg``), ``auxiliary_head`` (``FCNHead``,
-    optional), ``test_cfg`` (``mode`` "whole" or "slide" with ``crop_size`` and ``stride``). BatchNorm stands in for upstream's SyncBN (same parameters and statistics).
-    ``checkpoint``: a path (``.pth``, ``.pth.tar``, release ``.zip``) or a loaded dict with
-    upstream's keys (or a vitadapter segmentor's own state dict).
-    """
+def check_model_cfg(model_cfg: Mapping[str, Any]) -> None:
+    """Refuse a segmentation ``model`` dict of another type, with unknown settings or without its parts."""
     if not isinstance(model_cfg, Mapping):
         raise TypeError(f"model_cfg must be a dict, got {type(model_cfg).__name__}")
     unknown = sorted(set(model_cfg) - {"backbone", "decode_head", "auxiliary_head", "test_cfg", *_MODEL_IGNORED})
@@ -47,33 +36,25 @@ def load_upstream_segmentor(model_cfg: Mapping[str, Any], checkpoint: Optional[C
     for part in ("backbone", "decode_head"):
         if not isinstance(model_cfg.get(part), Mapping):
             raise ValueError(f"the segmentation model config needs a {part!r} dict")
-    backbone = load_upstream(model_cfg["backbone"], "segmentation")
-    train_cfg = model_cfg.get("train_cfg") or None
-    decode_head = build_head(model_cfg["decode_head"], "decode_head", train_cfg)
-    auxiliary = model_cfg.get("auxiliary_head")
-    if isinstance(auxiliary, (list, tuple)):
+    if isinstance(model_cfg.get("auxiliary_head"), (list, tuple)):
         raise ValueError("several auxiliary heads are not supported; give one auxiliary_head dict")
-    auxiliary_head = build_head(auxiliary, "auxiliary_head") if auxiliary else None
-    segmentor = Segmentor(backbone, decode_head, auxiliary_head, **inference_kwargs(model_cfg.get("test_cfg") or {}))
-    if checkpoint is not None:
-        load_segmentor_checkpoint(segmentor, checkpoint)
-    return segmentor
 
 
-def build_head(cfg: Mapping[str, Any], where: str, train_cfg: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """An mmseg head config dict -> the head module; unsupported types and settings are named.
-    ``train_cfg``: the model's training settings (Mask2Former's matcher and point sampling)."""
+def head_kwargs(cfg: Mapping[str, Any], where: str, train_cfg: Optional[Mapping[str, Any]] = None) -> tuple[str, dict[str, Any]]:
+    """An mmseg head config dict -> (head type, the head class's keyword arguments); unsupported types
+    and settings are named. ``train_cfg``: the model's training settings (Mask2Former's matcher and
+    point sampling)."""
     if not isinstance(cfg, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(cfg).__name__}")
     kind = cfg.get("type")
     if kind == "Mask2FormerHead":
         if where != "decode_head":
             raise ValueError(f"{where}: Mask2FormerHead is a decode head, not an auxiliary one")
-        return Mask2FormerHead(**mask2former_head_kwargs(cfg, train_cfg))
-    if kind not in HEAD_BUILDERS:
-        supported = ", ".join([*HEAD_BUILDERS, "Mask2FormerHead"])
+        return kind, mask2former_head_kwargs(cfg, train_cfg)
+    if kind not in _HEAD_KWARGS:
+        supported = ", ".join([*_HEAD_KWARGS, "Mask2FormerHead"])
         raise ValueError(f"{where}: head type {kind!r} is not supported (supported: {supported})")
-    return HEAD_BUILDERS[kind](dict(cfg), where)
+    return kind, _HEAD_KWARGS[kind](dict(cfg), where)
 
 
 # Mask2Former's test_cfg also carries mmdet's panoptic/instance settings; upstream's segmentation
@@ -93,42 +74,7 @@ def inference_kwargs(test_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "stride": _ints(test_cfg.get("stride"), "test_cfg.stride")}
 
 
-def load_segmentor_checkpoint(segmentor: Segmentor, checkpoint: Checkpoint, keep_classifier: bool = True) -> list[str]:
-    """Load a whole segmentation checkpoint (upstream's layout or vitadapter's) strictly.
-
-    Returns the checkpoint keys left out: auxiliary-head entries when the segmentor has no auxiliary
-    head, and, with ``keep_classifier=False``, classifier entries whose class count differs from the
-    model's (those layers keep their fresh initialisation, for fine-tuning on other classes).
-    """
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = read_checkpoint(checkpoint)
-    state = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
-    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
-    if not backbone_state:
-        shown = ", ".join(list(state)[:5]) or "none"
-        raise ValueError(f"not a segmentation checkpoint: no backbone.* keys (first keys: {shown})")
-    converted = convert_checkpoint(backbone_state, segmentor.backbone)
-    full = {f"backbone.{k}": v for k, v in converted.state.items()}
-    dropped = []
-    own = segmentor.state_dict()
-    for key, value in state.items():
-        if not key.startswith(HEAD_PREFIXES):
-            if not key.startswith("backbone."):
-                dropped.append(key)
-            continue
-        if key not in own and key.startswith("auxiliary_head.") and segmentor.auxiliary_head is None:
-            dropped.append(key)
-        elif not keep_classifier and _is_classifier(key) and key in own and own[key].shape != value.shape:
-            dropped.append(key)
-            full[key] = own[key]
-        else:
-            full[key] = value
-    check_state_dict(segmentor, full)
-    segmentor.load_state_dict(full)
-    return sorted(dropped)
-
-
-def _is_classifier(key: str) -> bool:
+def is_classifier(key: str) -> bool:
     """The layers whose shape follows the class count: conv heads' ``conv_seg``, Mask2Former's ``cls_embed``."""
     return ".conv_seg." in key or key.startswith("decode_head.cls_embed.")
 
@@ -136,7 +82,7 @@ def _is_classifier(key: str) -> bool:
 def checkpoint_num_classes(checkpoint: Mapping[str, Any]) -> Optional[int]:
     """The class count of a whole segmentation checkpoint's decode head (its classifier's outputs), or
     None where it has no classifier this loader knows: build the segmentor for it before loading."""
-    state = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
+    state = unwrap(as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
     classifier = state.get("decode_head.conv_seg.weight")  # UperNet and other convolutional heads
     if getattr(classifier, "ndim", 0) >= 1:
         return int(classifier.shape[0])
@@ -147,7 +93,7 @@ def checkpoint_num_classes(checkpoint: Mapping[str, Any]) -> Optional[int]:
 # ---- head configs -------------------------------------------------------------------------------
 
 
-def _uper_head(cfg: dict[str, Any], where: str) -> UPerHead:
+def _uper_head(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     in_index = cfg.pop("in_index", [0, 1, 2, 3])
     if cfg.pop("input_transform", "multiple_select") != "multiple_select":
         raise ValueError(f"{where}: UPerHead reads the levels as they are (input_transform 'multiple_select')")
@@ -159,10 +105,10 @@ def _uper_head(cfg: dict[str, Any], where: str) -> UPerHead:
         in_index=[in_index] if isinstance(in_index, int) else list(in_index),
     )
     _refuse_rest(cfg, where)
-    return UPerHead(**kwargs)
+    return kwargs
 
 
-def _fcn_head(cfg: dict[str, Any], where: str) -> FCNHead:
+def _fcn_head(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if cfg.pop("input_transform", None) is not None:
         raise ValueError(f"{where}: FCNHead reads one level (input_transform None)")
     kwargs = _common(cfg, where)
@@ -176,7 +122,7 @@ def _fcn_head(cfg: dict[str, Any], where: str) -> FCNHead:
         concat_input=cfg.pop("concat_input", True),
     )
     _refuse_rest(cfg, where)
-    return FCNHead(**kwargs)
+    return kwargs
 
 
 def _common(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -223,9 +169,7 @@ def _ints(value: Any, field: str) -> Any:
     return value
 
 
-HEAD_BUILDERS: dict[str, Callable[[dict[str, Any], str], nn.Module]] = {
+_HEAD_KWARGS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "UPerHead": _uper_head,
     "FCNHead": _fcn_head,
 }
-
-__all__ = ["HEAD_BUILDERS", "build_head", "inference_kwargs", "load_segmentor_checkpoint", "load_upstream_segmentor"]

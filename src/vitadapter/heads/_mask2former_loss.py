@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -99,8 +100,6 @@ def _match(class_logits: torch.Tensor, mask_logits: torch.Tensor, gt_ids: torch.
 
 
 def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value.div_(dist.get_world_size()))

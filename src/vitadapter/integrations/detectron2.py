@@ -23,6 +23,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
+from .._factory import create_model
+
 LEVEL_NAMES = ("res2", "res3", "res4", "res5")
 
 
@@ -46,8 +48,6 @@ class ViTAdapterBackbone(Backbone):
         if unknown or not out_features:
             raise ValueError(f"out_features must be among {LEVEL_NAMES}, got {list(out_features)}")
         if isinstance(name, str):
-            from .. import create_model
-
             name = create_model(name, pretrained=pretrained, **kwargs)
         self.model = name
         self._out_features = [f for f in LEVEL_NAMES if f in out_features]

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..staging import write_with_companions
+from ..weights.staging import write_with_companions
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("stride4", "stride8", "stride16", "stride32")

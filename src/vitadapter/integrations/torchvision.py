@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
+from .._factory import create_model
+
 
 class ViTAdapterFPN(nn.Module):
     """``body`` (a ViTAdapter) -> its levels -> an FPN: an ordered dict of ``out_channels``-wide maps,
@@ -58,6 +60,4 @@ def vit_adapter_fpn(
     """A torchvision detection backbone: ``vitadapter.create_model(name, pretrained, **kwargs)`` under an
     FPN of ``out_channels`` (see ``ViTAdapterFPN``). Its five maps fit the default anchor generators
     and RoI poolers of ``MaskRCNN``, ``FasterRCNN`` and ``RetinaNet`` (one anchor size per map)."""
-    from .. import create_model
-
     return ViTAdapterFPN(create_model(name, pretrained=pretrained, **kwargs), out_channels, extra_blocks, norm_layer)

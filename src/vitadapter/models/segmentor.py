@@ -12,6 +12,9 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretra
 from torch import nn
 
 from ..data import ade20k, cityscapes, coco_stuff
+from ..weights.fetch import fetch_weights
+from ..weights.read import read_weights
+from .checkpoints import load_segmentor_checkpoint
 
 
 class Segmentor(nn.Module):
@@ -191,9 +194,6 @@ def create_segmentor(
         backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
         segmentor.model_args = dict(backbone_args, num_classes=num_classes, **head_args)
         if pretrained:
-            from ..converters.mmseg import load_segmentor_checkpoint  # converters import this module
-            from ..hub import fetch_weights, read_weights
-
             path = fetch_weights(cfg.to_dict(), cache_dir, timeout)
             saved = cfg.source in ("local-dir", "hf-hub") and num_classes == cfg.num_classes
             dropped = load_segmentor_checkpoint(segmentor, read_weights(path), keep_classifier=saved)

@@ -9,6 +9,7 @@ import math
 from contextlib import nullcontext
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -18,8 +19,10 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
+from .._meta import meta_device
 from ..layers import InteractionBlock, MSDeformAttn, SpatialPriorModule
 from ..trunks import create_trunk, create_vit, driver_for
+from .checkpoints import load_pretrained
 
 STRIDES = (4, 8, 16, 32)
 # Upstream's spatial prior module and pyramid need every stride up to 32 to divide the image.
@@ -580,7 +583,7 @@ def _reference_points(grids: Sequence[tuple[int, int]], like: torch.Tensor) -> t
 
 
 def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -> ViTAdapter:
-    # Weights are loaded by vitadapter.hub rather than timm's loader: upstream files need a restricted
+    # Weights are loaded by models.checkpoints rather than timm's loader: upstream files need a restricted
     # unpickler, .zip unpacking and key conversion. Loading happens inside the constructor callable so
     # that it precedes timm's features_only wrapping.
     cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
@@ -596,8 +599,6 @@ def _create_vit_adapter(variant: str, pretrained: bool = False, **kwargs: Any) -
         # timm passes device and dtype to every constructor; the weights load first, then move
         model = ViTAdapter(**model_kwargs)
         if pretrained:
-            from ..hub import load_pretrained  # hub imports this module, so it cannot be imported on top
-
             load_pretrained(model, cfg.to_dict(), cache_dir=cache_dir, timeout=timeout)
         return model if device is None and dtype is None else model.to(device=device, dtype=dtype)
 
@@ -756,11 +757,9 @@ def closest_architecture(model_args: Mapping[str, Any]) -> str:
     """The registered architecture ``model_args`` is an instance of (training-only rates aside), else
     the generic ``vit_adapter``, which rebuilds any configuration from its model_args. A config.json
     for a model built outside the registry (e.g. by load_upstream) names it."""
-    from timm.models import list_models
-
     if model_args.get("trunk") is None:
         wanted = {k: v for k, v in model_args.items() if k not in _TRAINING_ONLY}
-        for arch in list_models(module=__name__.rsplit(".", 1)[-1]):
+        for arch in timm.list_models(module=__name__.rsplit(".", 1)[-1]):
             if arch == "vit_adapter":
                 continue
             if wanted == _registered_args(arch):
@@ -772,8 +771,6 @@ def closest_architecture(model_args: Mapping[str, Any]) -> str:
 def _registered_args(arch: str) -> dict[str, Any]:
     """A registered architecture's model_args, training-only rates aside: built once on the meta
     device (every save_pretrained asks; building them all each time took seconds)."""
-    from .._meta import meta_device
-
     with meta_device():
         registered = globals()[arch]().model_args
     return {k: v for k, v in registered.items() if k not in _TRAINING_ONLY}

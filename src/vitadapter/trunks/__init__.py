@@ -13,6 +13,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..weights.fetch import fetch_weights
 from . import uniperceiver  # noqa: F401  (registers Uni-Perceiver's encoders with timm)
 from .base import TrunkDriver
 from .beit import BeitTrunk
@@ -48,8 +49,6 @@ def create_trunk(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     if pretrained and not (overlay.get("file") or overlay.get("state_dict")):
         # timm's own download has no overall deadline: vitadapter's bounded one fetches the file
         # (into the same caches) and timm loads it from there
-        from ..hub import fetch_weights  # hub imports the models, which import this module
-
         overlay["file"] = str(fetch_weights({**timm.models.get_pretrained_cfg(name).to_dict(), **overlay}))
     return timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay or None, **kwargs)
 

@@ -15,7 +15,7 @@ import inspect
 import math
 from typing import Any, Mapping
 
-from .models.vit_adapter import UPSTREAM_VIT_DEFAULTS, ViTAdapter
+from .vit_adapter import UPSTREAM_VIT_DEFAULTS, ViTAdapter
 
 # Ceilings for configurations from elsewhere: above every adapter's trunk (ViT-L: 24 blocks, 1024
 # wide; ViT-g: 40 blocks, 1536 wide, 1.1 B parameters; DINOv3's 7B: 40 blocks, 4096 wide, 6.7 B) and

@@ -1,0 +1,75 @@
+"""Loading weights into built models: any supported checkpoint layout, strictly, every key named.
+
+``load_checkpoint`` loads a backbone (``ViTAdapter``), ``load_segmentor_checkpoint`` a whole
+segmentor, ``load_pretrained`` whatever a pretrained cfg points at (a file, a folder, a Hub repo or
+a release URL, fetched by ``weights.fetch``). Reading is ``weights.read``'s, renaming foreign keys
+``converters``'; this module puts the two together on a model instance.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional, Union
+
+from torch import nn
+
+from ..converters.backbone import Conversion, adapt_input_convs, convert_checkpoint
+from ..converters.mmseg import HEAD_PREFIXES, is_classifier
+from ..weights.fetch import fetch_weights
+from ..weights.read import Checkpoint, as_dict, check_state_dict, read_checkpoint, read_weights, unwrap
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> Conversion:
+    """Load a checkpoint (path or dict, any supported layout) into the ViTAdapter ``model``, strictly."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    conversion = convert_checkpoint(checkpoint, model)
+    adapt_input_convs(model, conversion.state)
+    check_state_dict(model, conversion.state)
+    model.load_state_dict(conversion.state)
+    return conversion
+
+
+def load_pretrained(
+    model: nn.Module,
+    pretrained_cfg: Mapping[str, Any],
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    timeout: Optional[float] = None,
+) -> Conversion:
+    """Fetch the weights ``pretrained_cfg`` points at (file, folder, Hub repo or URL) and load them."""
+    checkpoint = pretrained_cfg.get("state_dict") or read_weights(fetch_weights(pretrained_cfg, cache_dir, timeout))
+    return load_checkpoint(model, checkpoint)
+
+
+def load_segmentor_checkpoint(segmentor: nn.Module, checkpoint: Checkpoint, keep_classifier: bool = True) -> list[str]:
+    """Load a whole segmentation checkpoint (upstream's layout or vitadapter's) strictly.
+
+    Returns the checkpoint keys left out: auxiliary-head entries when the segmentor has no auxiliary
+    head, and, with ``keep_classifier=False``, classifier entries whose class count differs from the
+    model's (those layers keep their fresh initialisation, for fine-tuning on other classes).
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    state = unwrap(as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
+    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone_state:
+        shown = ", ".join(list(state)[:5]) or "none"
+        raise ValueError(f"not a segmentation checkpoint: no backbone.* keys (first keys: {shown})")
+    converted = convert_checkpoint(backbone_state, segmentor.backbone)
+    full = {f"backbone.{k}": v for k, v in converted.state.items()}
+    dropped = []
+    own = segmentor.state_dict()
+    for key, value in state.items():
+        if not key.startswith(HEAD_PREFIXES):
+            if not key.startswith("backbone."):
+                dropped.append(key)
+            continue
+        if key not in own and key.startswith("auxiliary_head.") and segmentor.auxiliary_head is None:
+            dropped.append(key)
+        elif not keep_classifier and is_classifier(key) and key in own and own[key].shape != value.shape:
+            dropped.append(key)
+            full[key] = own[key]
+        else:
+            full[key] = value
+    check_state_dict(segmentor, full)
+    segmentor.load_state_dict(full)
+    return sorted(dropped)
