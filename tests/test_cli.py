@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from conftest import FIXTURES
 from local_server import LocalServer
 from vitadapter import catalog, create_model, list_models, list_pretrained
-from vitadapter.cli import main, torch_hub_dir
+from vitadapter.cli import main
+from vitadapter.cli._models import torch_hub_dir
 from vitadapter.weights.fetch import fetch_weights
 from vitadapter._meta import meta_device
 from vitadapter.models import FAMILY_MODULES
@@ -324,7 +325,7 @@ def test_unexpected_errors_say_they_are_bugs(capsys, monkeypatch):
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("vitadapter.cli._list", broken)
+    monkeypatch.setattr("vitadapter.cli.listing.list_names", broken)
     assert main(["list"]) == 2
     assert_one_line_error(capsys, "ZeroDivisionError: division by zero", "--debug")
 

@@ -371,7 +371,7 @@ def test_eval_seg_scores_known_predictions_through_the_pipeline(tmp_path, capsys
         stored.append(label)
     truths = [np.asarray(Image.open(root / "images" / f"{i}.png")).argmax(-1) for i in range(2)]
     stub = Stub(strongest_channel, crop=64)
-    monkeypatch.setattr("vitadapter.cli._segmentor_model", lambda args, device, fall_back: (stub, "stub"))
+    monkeypatch.setattr("vitadapter.cli.eval_seg.segmentor_model", lambda args, device, fall_back: (stub, "stub"))
     assert main(["eval-seg", str(root), "--no-reduce-zero-label"]) == 0
     out = capsys.readouterr().out
     assert [tuple(s.shape[-2:]) for s in stub.seen] == [(64, 128), (96, 64)]
