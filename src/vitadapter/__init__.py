@@ -23,6 +23,8 @@ _EXPORTS = {
     "list_pretrained": "_factory",
     "load_upstream": "upstream",
     "load_upstream_segmentor": "converters.mmseg",
+    "load_upstream_detector": "converters.mmdet",
+    "Detector": "models",
     "Segmentor": "models",
     "ms_deform_attn": "layers.msda_op",
     "push_to_hub": "hub",
@@ -40,8 +42,9 @@ if TYPE_CHECKING:
     from ._factory import create_model, list_models, list_pretrained
     from .hub import push_to_hub, save_pretrained
     from .layers.msda_op import ms_deform_attn
+    from .converters.mmdet import load_upstream_detector
     from .converters.mmseg import load_upstream_segmentor
-    from .models import Segmentor, ViTAdapter
+    from .models import Detector, Segmentor, ViTAdapter
     from .upstream import load_upstream
 
 

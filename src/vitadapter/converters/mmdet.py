@@ -1,14 +1,22 @@
-"""Upstream's mmdet 2.x detection ``model`` dicts and checkpoints -> ``TwoStageDetectorHeads`` arguments.
+"""Upstream's mmdet 2.x detection ``model`` dicts and checkpoints -> ``TwoStageDetectorHeads`` arguments
+and whole ``Detector`` models (``load_upstream_detector``).
 
 The detector parts keep mmdet's parameter names, so a checkpoint's ``neck.*``, ``rpn_head.*`` and
-``roi_head.*`` entries load as they are: converting one is a filter. Configs are translated setting by
+``roi_head.*`` entries load as they are: converting one is a filter; its ``backbone.*`` entries go
+through the backbone conversion of ``vitadapter.upstream``. Configs are translated setting by
 setting; a type or setting that would change the computed function and is not implemented is refused
 by name. Loss, sampler and assigner settings only matter for training and are accepted unread.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
+
+from ..data import coco
+from ..detection import CascadeRoIHeads
+from ..models.detector import Detector
+from ..upstream import Checkpoint, _as_dict, _unwrap, check_state_dict, convert_checkpoint, load_upstream, read_checkpoint
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
 DETECTOR_TYPES = ("MaskRCNN", "FasterRCNN", "CascadeRCNN")
@@ -190,6 +198,8 @@ def roi_head_kwargs(cfg: Mapping[str, Any], test_cfg: Mapping[str, Any]) -> dict
 def detector_heads_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's whole detection ``model`` dict (``neck``, ``rpn_head``, ``roi_head``, ``test_cfg``) ->
     ``TwoStageDetectorHeads(**kwargs)``. The ``backbone`` entry is not read here."""
+    if isinstance(model_cfg, Mapping) and "decode_head" in model_cfg:
+        raise ValueError("model: this is a segmentation model config (it has a decode_head): use load_upstream_segmentor")
     model_cfg = _check_type(model_cfg, DETECTOR_TYPES, "model")
     _check_keys(model_cfg, ("backbone", "neck", "rpn_head", "roi_head", "test_cfg"), "model")
     for part in ("neck", "rpn_head", "roi_head", "test_cfg"):
@@ -215,3 +225,113 @@ def detector_heads_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not heads:
         raise ValueError("the checkpoint has no neck.*, rpn_head.* or roi_head.* entries: not an mmdet detector checkpoint")
     return heads
+
+
+def load_upstream_detector(
+    model_cfg: Mapping[str, Any],
+    checkpoint: Optional[Checkpoint] = None,
+    img_norm_cfg: Optional[Mapping[str, Any]] = None,
+) -> Detector:
+    """Build upstream's detector from its mmdet 2.x ``model`` dict and load a whole checkpoint.
+
+    ``model_cfg``: ``type`` (``MaskRCNN``, ``CascadeRCNN``, or ``FasterRCNN``, which gives no masks),
+    ``backbone`` (a ``ViTAdapter`` / ``BEiTAdapter`` / ``UniPerceiverAdapter`` dict, as
+    ``vitadapter.load_upstream`` takes with codebase "detection"), ``neck``, ``rpn_head``,
+    ``roi_head`` and ``test_cfg``, as upstream's config files write them (``_delete_``, ``pretrained``
+    and training settings are accepted unread). ``checkpoint``: a path (``.pth``, ``.pth.tar``,
+    release ``.zip``) or a loaded dict with mmdet's keys. ``img_norm_cfg``: the config's
+    ``img_norm_cfg`` (mean and std in 0..255, ``to_rgb=True``) of its test pipeline; ImageNet's by
+    default, what most of upstream's detection configs use. 80 classes get COCO's names.
+    """
+    heads = detector_heads_kwargs(model_cfg)
+    if not isinstance(model_cfg.get("backbone"), Mapping):
+        raise ValueError("the detection model config needs a 'backbone' dict (upstream's ViTAdapter / BEiTAdapter)")
+    mean, std = _normalisation(img_norm_cfg)
+    backbone = load_upstream(model_cfg["backbone"], "detection")
+    detector = Detector(backbone, **heads, mean=mean, std=std)
+    if detector.num_classes == len(coco.CLASSES):
+        detector.class_names = coco.CLASSES
+    if checkpoint is not None:
+        load_detector_checkpoint(detector, checkpoint)
+    return detector
+
+
+def _normalisation(img_norm_cfg: Optional[Mapping[str, Any]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mmdet's ``img_norm_cfg`` (0..255 units) -> (mean, std) in timm's 0..1 units."""
+    if img_norm_cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if not isinstance(img_norm_cfg, Mapping):
+        raise TypeError(f"img_norm_cfg must be a dict (mean, std, to_rgb), got {type(img_norm_cfg).__name__}")
+    if not img_norm_cfg.get("to_rgb", True):
+        raise ValueError("img_norm_cfg: to_rgb=False (a model fed BGR images) is not supported")
+    try:
+        mean, std = [float(v) / 255 for v in img_norm_cfg["mean"]], [float(v) / 255 for v in img_norm_cfg["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"img_norm_cfg needs mean and std, 3 numbers each in 0..255, got {dict(img_norm_cfg)!r}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"img_norm_cfg needs mean and std, 3 numbers each (std positive), got {dict(img_norm_cfg)!r}")
+    return tuple(mean), tuple(std)
+
+
+# the layers whose shape follows the class count: classifiers, class-specific box and mask regressors
+_CLASS_SPECIFIC = re.compile(r"^roi_head\.(bbox_head(\.\d+)?\.fc_(cls|reg)|mask_head(\.\d+)?\.conv_logits)\.")
+_STAGE = re.compile(r"^roi_head\.bbox_head\.(\d+)\.")
+
+
+def load_detector_checkpoint(detector: Detector, checkpoint: Checkpoint, keep_classifier: bool = True) -> list[str]:
+    """Load a whole detection checkpoint (mmdet's layout, upstream's backbone keys or vitadapter's)
+    into ``detector`` strictly. Returns the checkpoint keys left out: entries of no part of the
+    model and, with ``keep_classifier=False``, the class-specific layers whose class count differs
+    from the model's (those keep their fresh initialisation, for fine-tuning on other classes)."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    state = _unwrap(_as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
+    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    heads = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIXES)}
+    if not backbone_state or not heads:
+        raise ValueError(f"not a whole detector checkpoint: {_what_it_is(state, bool(backbone_state), bool(heads))}")
+    _check_layout(detector, heads)
+    converted = convert_checkpoint(backbone_state, detector.backbone)
+    full = {f"backbone.{k}": v for k, v in converted.state.items()}
+    own = detector.state_dict()
+    dropped = [k for k in state if not k.startswith(("backbone.", *HEAD_PREFIXES))]
+    for key, value in heads.items():
+        if not keep_classifier and _CLASS_SPECIFIC.match(key) and key in own and own[key].shape != value.shape:
+            dropped.append(key)
+            full[key] = own[key]
+        else:
+            full[key] = value
+    check_state_dict(detector, full)
+    detector.load_state_dict(full)
+    return sorted(dropped)
+
+
+def _what_it_is(state: Mapping[str, Any], backbone: bool, heads: bool) -> str:
+    needs = "a detector needs backbone.*, neck.*, rpn_head.* and roi_head.* entries"
+    if any(k.startswith(("decode_head.", "auxiliary_head.")) for k in state):
+        return f"it is a segmentation checkpoint (decode_head.*): load it with a segmentor; {needs}"
+    if heads:
+        return f"it holds detector heads without backbone.* entries (a heads-only file: add the backbone's); {needs}"
+    if backbone:
+        return f"it is a backbone-only checkpoint (backbone.* without a neck or heads); {needs}"
+    shown = ", ".join(list(state)[:5]) or "none"
+    return f"it has no backbone.*, neck.*, rpn_head.* or roi_head.* entries (a backbone's own weights? first keys: {shown}); {needs}"
+
+
+def _layout(stages: int, htc: bool = False) -> str:
+    if htc:
+        return "an HTC (hybrid task cascade) detector"
+    return f"a {stages}-stage Cascade R-CNN detector" if stages else "a Mask R-CNN / Faster R-CNN detector (one RoI stage)"
+
+
+def _check_layout(detector: Detector, heads: Mapping[str, Any]) -> None:
+    """Refuse the checkpoint of another detector type by name, before keys are compared one by one."""
+    htc = any(k.startswith(("roi_head.semantic_head.", "neck.0.", "neck.1.")) for k in heads)
+    theirs = _layout(len({m.group(1) for m in map(_STAGE.match, heads) if m}), htc)
+    ours = _layout(len(detector.roi_head.bbox_heads) if isinstance(detector.roi_head, CascadeRoIHeads) else 0)
+    if theirs != ours:
+        raise ValueError(f"this checkpoint is {theirs} and the model is {ours}: build the model from the checkpoint's own config")
+    fpn = any(k.startswith("neck.lateral_convs.") for k in heads)
+    if fpn != (type(detector.neck).__name__ == "FPN"):
+        theirs_neck = "an FPN" if fpn else "a ChannelMapperWithPooling (no FPN)"
+        raise ValueError(f"this checkpoint's neck is {theirs_neck} and the model's a {type(detector.neck).__name__}")
