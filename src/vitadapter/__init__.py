@@ -23,6 +23,8 @@ _EXPORTS = {
     "list_pretrained": "_factory",
     "load_upstream": "models.from_upstream",
     "load_upstream_segmentor": "models.from_upstream",
+    "load_upstream_detector": "models.from_upstream",
+    "Detector": "models",
     "Segmentor": "models",
     "ms_deform_attn": "layers.msda_op",
     "push_to_hub": "hub",
@@ -41,8 +43,8 @@ if TYPE_CHECKING:
     from ._factory import create_model, list_models, list_pretrained
     from .hub import push_to_hub, save_pretrained
     from .layers.msda_op import ms_deform_attn
-    from .models import Segmentor, ViTAdapter
-    from .models.from_upstream import load_upstream, load_upstream_segmentor
+    from .models import Detector, Segmentor, ViTAdapter
+    from .models.from_upstream import load_upstream, load_upstream_detector, load_upstream_segmentor
 
 
 def __getattr__(name: str) -> Any:

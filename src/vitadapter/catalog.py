@@ -56,6 +56,7 @@ def architecture(arch: str, flops: bool = True) -> dict[str, Any]:
     )
     if backbone is not model:
         entry["num_classes"] = model.num_classes
+        entry["task"] = "detection" if hasattr(model, "detect") else "segmentation"
     if flops:
         entry["flops"] = flops_without_memory(model, default.input_size)
     return entry
@@ -95,7 +96,8 @@ def count_flops(model: Any, image: Any) -> int:
 
 
 def flops_without_memory(model: Any, input_size: Any) -> int:
-    """``count_flops`` of a model built on the meta device, for one ``(C, H, W)`` image: the forward
+    """``count_flops`` of a model built on the meta device, for one ``(C, H, W)`` image (a detector's
+    ``dense_forward``: backbone, neck, RPN maps): the forward
     runs on fake CPU tensors (shapes only, so a 7B trunk costs nothing; a CPU device, unlike meta, is
     one autocast and every op know)."""
     import torch
@@ -104,7 +106,9 @@ def flops_without_memory(model: Any, input_size: Any) -> int:
     # no parameter needs grad: the counter's module tracker hooks tensors that do, and a parameter
     # used as is (Mask2Former's learned queries) has no graph node to hook under inference mode
     with FakeTensorMode(allow_non_fake_inputs=True):
-        return count_flops(model.to_empty(device="cpu").requires_grad_(False), torch.empty(1, *input_size))
+        model = model.to_empty(device="cpu").requires_grad_(False)
+        # a detector's RoI stage depends on the proposals that survive: its dense part is counted
+        return count_flops(getattr(model, "dense_forward", model), torch.empty(1, *input_size))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Upstream's test pipeline as a function: an image in, class probabilities or a label map out, at the
-image's own size.
+"""Upstream's test pipelines as functions: an image in, class probabilities or a label map out, at the
+image's own size; or detections in the image's pixels (``detection_batch``, ``predict_detections``).
 
 mmseg 0.x, as upstream's ADE20K configs set it up, resizes each image keeping its aspect ratio so the
 short side is at most S and the long side at most 4 S (S = 512 for the 512-px models: its
@@ -8,6 +8,11 @@ bilinearly; normalises; runs the segmentor (sliding windows); resizes the logits
 (``align_corners=False``) back to the original size and takes the softmax. Multi-scale testing
 repeats this with S and 4 S times each of ``MS_RATIOS``, flipped and not, and averages the
 probabilities (mmseg's ``aug_test``).
+
+mmdet 2.x, as upstream's COCO configs set it up, resizes each image keeping its aspect ratio to fit
+1333 x 800 (long side at most 1333, short side at most 800, up or down), bilinearly; normalises;
+pads with zeros to a multiple of 32 at the bottom and right; runs the detector and divides the boxes
+by the per-axis scale factors, pasting masks at the original size.
 """
 from __future__ import annotations
 
@@ -220,3 +225,83 @@ def predict(
         bottom = min(top + rows, height)
         labels[top:bottom] = _band_probs(passes, height, width, top, bottom).argmax(0).cpu()
     return labels
+
+
+# upstream's COCO test scale (mmdet's ``img_scale=(1333, 800)``: the two side limits, in either order)
+DETECTION_SCALE = (1333, 800)
+
+
+def detection_batch(
+    images: Sequence[torch.Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: tuple[int, int] = DETECTION_SCALE,
+    device: Union[str, torch.device, None] = None,
+) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Upstream's detection test pipeline up to the model: ``(batch, image_sizes, original_sizes)``
+    for ``detector.detect``.
+
+    ``images``: (3, H, W) RGB tensors of any sizes, values 0..255 (float or uint8). Each is resized
+    bilinearly keeping its ratio so that its long side is at most ``max(scale)`` and its short side
+    at most ``min(scale)`` (mmcv's ``rescale_size``: the larger image that fits), rounded as an
+    8-bit image (what mmdet's cv2 resize of a decoded file gives), normalised with ``mean`` and
+    ``std`` (timm's 0..1 units, as in ``pretrained_cfg``), and padded with zeros at the bottom and
+    right to the batch's largest size rounded up to a multiple of 32. ``image_sizes``: each
+    resized (h, w) inside the batch (mmdet's ``img_shape``); ``original_sizes``: each input (h, w).
+    """
+    if len(scale) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in scale):
+        raise ValueError(f"scale must be two positive side limits in pixels, e.g. (1333, 800), got {scale!r}")
+    short, long = sorted(scale)
+    device = torch.device(device) if device is not None else None
+    resized, image_sizes, original_sizes = [], [], []
+    for i, image in enumerate(images):
+        check_detection_image(image, f"images[{i}]")
+        height, width = image.shape[-2:]
+        w, h = rescaled_size(width, height, (short, long))
+        resized.append(_resize_pixels(image[None].to(device=device, dtype=torch.float32), h, w)[0])
+        image_sizes.append((h, w))
+        original_sizes.append((int(height), int(width)))
+    if not resized:
+        return torch.zeros(0, 3, SIZE_DIVISOR, SIZE_DIVISOR, device=device), [], []
+    target = resized[0].device
+    mean_ = torch.tensor(mean, device=target).view(3, 1, 1) * 255
+    std_ = torch.tensor(std, device=target).view(3, 1, 1) * 255
+    height = _multiple(max(h for h, _ in image_sizes))
+    width = _multiple(max(w for _, w in image_sizes))
+    batch = torch.zeros(len(resized), 3, height, width, device=target)
+    for out, image, (h, w) in zip(batch, resized, image_sizes):
+        out[:, :h, :w] = (image - mean_) / std_
+    return batch, image_sizes, original_sizes
+
+
+def check_detection_image(image: Any, name: str) -> None:
+    """A (3, H, W) tensor of pixel values, at least one pixel: else an error naming ``name``."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a (3, H, W) tensor, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"{name} must be a (3, H, W) RGB tensor, got shape {tuple(image.shape)}")
+    if image.is_complex() or image.dtype == torch.bool:
+        raise TypeError(f"{name} must hold pixel values 0..255, got {image.dtype}")
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"{name} is {image.shape[2]}x{image.shape[1]} pixels: nothing to detect in")
+
+
+def padded_detection_size(height: int, width: int, scale: tuple[int, int] = DETECTION_SCALE) -> tuple[int, int]:
+    """The (h, w) an image of ``height`` x ``width`` pixels has in a batch of its own (resized to fit
+    ``scale``, padded to 32): images of equal padded sizes batch as they run alone."""
+    w, h = rescaled_size(width, height, tuple(sorted(scale)))
+    return _multiple(h), _multiple(w)
+
+
+@torch.no_grad()
+def predict_detections(detector: nn.Module, image: Image.Image) -> dict[str, torch.Tensor]:
+    """The detections of ``detector`` (a ``vitadapter`` detector in eval mode) in an RGB PIL image,
+    on the CPU: ``boxes`` (N, 4) x1, y1, x2, y2 in the image's pixels, ``scores`` (N,), ``labels``
+    (N,) 0-based (``detector.class_names``), ``masks`` (N, H, W) bool, best score first."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image is {image.width}x{image.height} pixels: nothing to detect in")
+    pixels = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
+    (result,) = detector([pixels])
+    return {k: v.cpu() for k, v in result.items()}

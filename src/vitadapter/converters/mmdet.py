@@ -1,14 +1,16 @@
 """Upstream's mmdet 2.x detection ``model`` dicts and checkpoints -> ``TwoStageDetectorHeads`` arguments.
 
 The detector parts keep mmdet's parameter names, so a checkpoint's ``neck.*``, ``rpn_head.*`` and
-``roi_head.*`` entries load as they are: converting one is a filter. Configs are translated setting by
-setting; a type or setting that would change the computed function and is not implemented is refused
-by name. Loss, sampler and assigner settings only matter for training and are accepted unread.
+``roi_head.*`` entries load as they are: converting one is a filter; its ``backbone.*`` entries go
+through the backbone conversion (``converters.backbone``); ``models.from_upstream`` builds the
+detector. Configs are translated setting by setting; a type or setting that would change the
+computed function and is not implemented is refused by name. Loss, sampler and assigner settings only matter for training and are accepted unread.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
 DETECTOR_TYPES = ("MaskRCNN", "FasterRCNN", "CascadeRCNN")
@@ -190,6 +192,8 @@ def roi_head_kwargs(cfg: Mapping[str, Any], test_cfg: Mapping[str, Any]) -> dict
 def detector_heads_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's whole detection ``model`` dict (``neck``, ``rpn_head``, ``roi_head``, ``test_cfg``) ->
     ``TwoStageDetectorHeads(**kwargs)``. The ``backbone`` entry is not read here."""
+    if isinstance(model_cfg, Mapping) and "decode_head" in model_cfg:
+        raise ValueError("model: this is a segmentation model config (it has a decode_head): use load_upstream_segmentor")
     model_cfg = _check_type(model_cfg, DETECTOR_TYPES, "model")
     _check_keys(model_cfg, ("backbone", "neck", "rpn_head", "roi_head", "test_cfg"), "model")
     for part in ("neck", "rpn_head", "roi_head", "test_cfg"):
@@ -215,3 +219,56 @@ def detector_heads_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if not heads:
         raise ValueError("the checkpoint has no neck.*, rpn_head.* or roi_head.* entries: not an mmdet detector checkpoint")
     return heads
+
+
+def normalisation(img_norm_cfg: Optional[Mapping[str, Any]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mmdet's ``img_norm_cfg`` (0..255 units) -> (mean, std) in timm's 0..1 units."""
+    if img_norm_cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if not isinstance(img_norm_cfg, Mapping):
+        raise TypeError(f"img_norm_cfg must be a dict (mean, std, to_rgb), got {type(img_norm_cfg).__name__}")
+    if not img_norm_cfg.get("to_rgb", True):
+        raise ValueError("img_norm_cfg: to_rgb=False (a model fed BGR images) is not supported")
+    try:
+        mean, std = [float(v) / 255 for v in img_norm_cfg["mean"]], [float(v) / 255 for v in img_norm_cfg["std"]]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"img_norm_cfg needs mean and std, 3 numbers each in 0..255, got {dict(img_norm_cfg)!r}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"img_norm_cfg needs mean and std, 3 numbers each (std positive), got {dict(img_norm_cfg)!r}")
+    return tuple(mean), tuple(std)
+
+
+# the layers whose shape follows the class count: classifiers, class-specific box and mask regressors
+CLASS_SPECIFIC = re.compile(r"^roi_head\.(bbox_head(\.\d+)?\.fc_(cls|reg)|mask_head(\.\d+)?\.conv_logits)\.")
+_STAGE = re.compile(r"^roi_head\.bbox_head\.(\d+)\.")
+
+
+def describe_checkpoint(state: Mapping[str, Any], backbone: bool, heads: bool) -> str:
+    """Why ``state`` is not a whole detector checkpoint, and what it seems to be instead."""
+    needs = "a detector needs backbone.*, neck.*, rpn_head.* and roi_head.* entries"
+    if any(k.startswith(("decode_head.", "auxiliary_head.")) for k in state):
+        return f"it is a segmentation checkpoint (decode_head.*): load it with a segmentor; {needs}"
+    if heads:
+        return f"it holds detector heads without backbone.* entries (a heads-only file: add the backbone's); {needs}"
+    if backbone:
+        return f"it is a backbone-only checkpoint (backbone.* without a neck or heads); {needs}"
+    shown = ", ".join(list(state)[:5]) or "none"
+    return f"it has no backbone.*, neck.*, rpn_head.* or roi_head.* entries (a backbone's own weights? first keys: {shown}); {needs}"
+
+
+def layout(stages: int, htc: bool = False) -> str:
+    """A detector layout in words: HTC, an n-stage cascade or a single RoI stage."""
+    if htc:
+        return "an HTC (hybrid task cascade) detector"
+    return f"a {stages}-stage Cascade R-CNN detector" if stages else "a Mask R-CNN / Faster R-CNN detector (one RoI stage)"
+
+
+def checkpoint_layout(heads: Mapping[str, Any]) -> str:
+    """The kind of detector whose ``neck.*``/``rpn_head.*``/``roi_head.*`` entries ``heads`` are, in words."""
+    htc = any(k.startswith(("roi_head.semantic_head.", "neck.0.", "neck.1.")) for k in heads)
+    return layout(len({m.group(1) for m in map(_STAGE.match, heads) if m}), htc)
+
+
+def has_fpn(heads: Mapping[str, Any]) -> bool:
+    """Whether a detector checkpoint's neck is an FPN (else upstream's no-FPN channel mapper)."""
+    return any(k.startswith("neck.lateral_convs.") for k in heads)

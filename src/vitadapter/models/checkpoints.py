@@ -1,7 +1,7 @@
 """Loading weights into built models: any supported checkpoint layout, strictly, every key named.
 
 ``load_checkpoint`` loads a backbone (``ViTAdapter``), ``load_segmentor_checkpoint`` a whole
-segmentor, ``load_pretrained`` whatever a pretrained cfg points at (a file, a folder, a Hub repo or
+segmentor, ``load_detector_checkpoint`` a whole detector, ``load_pretrained`` whatever a pretrained cfg points at (a file, a folder, a Hub repo or
 a release URL, fetched by ``weights.fetch``). Reading is ``weights.read``'s, renaming foreign keys
 ``converters``'; this module puts the two together on a model instance.
 """
@@ -13,7 +13,9 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from ..converters.backbone import Conversion, adapt_input_convs, convert_checkpoint
+from ..converters import mmdet
 from ..converters.mmseg import HEAD_PREFIXES, is_classifier
+from ..detection import CascadeRoIHeads
 from ..weights.fetch import fetch_weights
 from ..weights.read import Checkpoint, as_dict, check_state_dict, read_checkpoint, read_weights, unwrap
 
@@ -73,3 +75,43 @@ def load_segmentor_checkpoint(segmentor: nn.Module, checkpoint: Checkpoint, keep
     check_state_dict(segmentor, full)
     segmentor.load_state_dict(full)
     return sorted(dropped)
+
+
+def load_detector_checkpoint(detector: nn.Module, checkpoint: Checkpoint, keep_classifier: bool = True) -> list[str]:
+    """Load a whole detection checkpoint (mmdet's layout, upstream's backbone keys or vitadapter's)
+    into ``detector`` strictly. Returns the checkpoint keys left out: entries of no part of the
+    model and, with ``keep_classifier=False``, the class-specific layers whose class count differs
+    from the model's (those keep their fresh initialisation, for fine-tuning on other classes)."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint)
+    state = unwrap(as_dict(checkpoint, "this checkpoint"), split_backbone=False)[0]
+    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    heads = {k: v for k, v in state.items() if k.startswith(mmdet.HEAD_PREFIXES)}
+    if not backbone_state or not heads:
+        raise ValueError(f"not a whole detector checkpoint: {mmdet.describe_checkpoint(state, bool(backbone_state), bool(heads))}")
+    _check_detector_layout(detector, heads)
+    converted = convert_checkpoint(backbone_state, detector.backbone)
+    full = {f"backbone.{k}": v for k, v in converted.state.items()}
+    own = detector.state_dict()
+    dropped = [k for k in state if not k.startswith(("backbone.", *mmdet.HEAD_PREFIXES))]
+    for key, value in heads.items():
+        if not keep_classifier and mmdet.CLASS_SPECIFIC.match(key) and key in own and own[key].shape != value.shape:
+            dropped.append(key)
+            full[key] = own[key]
+        else:
+            full[key] = value
+    check_state_dict(detector, full)
+    detector.load_state_dict(full)
+    return sorted(dropped)
+
+
+def _check_detector_layout(detector: nn.Module, heads: Mapping[str, Any]) -> None:
+    """Refuse the checkpoint of another detector type by name, before keys are compared one by one."""
+    theirs = mmdet.checkpoint_layout(heads)
+    ours = mmdet.layout(len(detector.roi_head.bbox_heads) if isinstance(detector.roi_head, CascadeRoIHeads) else 0)
+    if theirs != ours:
+        raise ValueError(f"this checkpoint is {theirs} and the model is {ours}: build the model from the checkpoint's own config")
+    fpn = mmdet.has_fpn(heads)
+    if fpn != (type(detector.neck).__name__ == "FPN"):
+        theirs_neck = "an FPN" if fpn else "a ChannelMapperWithPooling (no FPN)"
+        raise ValueError(f"this checkpoint's neck is {theirs_neck} and the model's a {type(detector.neck).__name__}")

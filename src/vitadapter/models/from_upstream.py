@@ -1,4 +1,4 @@
-"""Models built from foreign configs: upstream ViT-Adapter's backbones and segmentors, and the DINOv2 and
+"""Models built from foreign configs: upstream ViT-Adapter's backbones, segmentors and detectors, and the DINOv2 and
 DINOv3 adapters, with their checkpoints. The configs are translated by ``converters``; this module
 checks the result, builds the model and loads its weights."""
 from __future__ import annotations
@@ -10,11 +10,14 @@ from torch import nn
 
 from ..converters import dinov2, dinov3
 from ..converters.backbone import CODEBASES, upstream_kwargs
+from ..converters.mmdet import detector_heads_kwargs, normalisation
 from ..converters.mmseg import check_model_cfg, head_kwargs, inference_kwargs
+from ..data import coco
 from ..heads import FCNHead, Mask2FormerHead, UPerHead
 from ..weights.read import Checkpoint, as_dict, check_state_dict, read_checkpoint, unwrap
-from .checkpoints import load_checkpoint, load_segmentor_checkpoint
+from .checkpoints import load_checkpoint, load_detector_checkpoint, load_segmentor_checkpoint
 from .config_checks import check_fields, check_model_args, upstream_defaults
+from .detector import Detector
 from .segmentor import Segmentor
 from .vit_adapter import ViTAdapter
 
@@ -111,3 +114,32 @@ def build_head(cfg: Mapping[str, Any], where: str, train_cfg: Optional[Mapping[s
     not supported)."""
     kind, kwargs = head_kwargs(cfg, where, train_cfg)
     return _HEADS[kind](**kwargs)
+
+
+def load_upstream_detector(
+    model_cfg: Mapping[str, Any],
+    checkpoint: Optional[Checkpoint] = None,
+    img_norm_cfg: Optional[Mapping[str, Any]] = None,
+) -> Detector:
+    """Build upstream's detector from its mmdet 2.x ``model`` dict and load a whole checkpoint.
+
+    ``model_cfg``: ``type`` (``MaskRCNN``, ``CascadeRCNN``, or ``FasterRCNN``, which gives no masks),
+    ``backbone`` (a ``ViTAdapter`` / ``BEiTAdapter`` / ``UniPerceiverAdapter`` dict, as
+    ``load_upstream`` takes with codebase "detection"), ``neck``, ``rpn_head``, ``roi_head`` and
+    ``test_cfg``, as upstream's config files write them (``_delete_``, ``pretrained`` and training
+    settings are accepted unread). ``checkpoint``: a path (``.pth``, ``.pth.tar``, release ``.zip``)
+    or a loaded dict with mmdet's keys. ``img_norm_cfg``: the config's ``img_norm_cfg`` (mean and std
+    in 0..255, ``to_rgb=True``) of its test pipeline; ImageNet's by default, what most of upstream's
+    detection configs use. 80 classes get COCO's names.
+    """
+    heads = detector_heads_kwargs(model_cfg)
+    if not isinstance(model_cfg.get("backbone"), Mapping):
+        raise ValueError("the detection model config needs a 'backbone' dict (upstream's ViTAdapter / BEiTAdapter)")
+    mean, std = normalisation(img_norm_cfg)
+    backbone = load_upstream(model_cfg["backbone"], "detection")
+    detector = Detector(backbone, **heads, mean=mean, std=std)
+    if detector.num_classes == len(coco.CLASSES):
+        detector.class_names = coco.CLASSES
+    if checkpoint is not None:
+        load_detector_checkpoint(detector, checkpoint)
+    return detector

@@ -1,0 +1,182 @@
+"""The detector: a backbone that gives a feature pyramid, mmdet's two-stage heads (neck, RPN, RoI
+heads), and upstream's test pipeline around them (resize to 1333 x 800, normalise, pad, rescale back)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
+from torch import nn
+
+from ..converters.mmdet import detector_heads_kwargs
+from ..data import coco
+from ..detection import TwoStageDetectorHeads
+from ..predict import DETECTION_SCALE, check_detection_image, detection_batch, padded_detection_size
+from ..weights.fetch import fetch_weights
+from ..weights.read import read_weights
+from .checkpoints import load_detector_checkpoint
+from .segmentor import _prefixed
+
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class Detector(TwoStageDetectorHeads):
+    """``backbone`` (image -> list of NCHW maps, strides 4-32) + mmdet's ``neck``, ``rpn_head`` and
+    ``roi_head`` (``TwoStageDetectorHeads`` arguments; ``converters.mmdet.detector_heads_kwargs``
+    makes them from upstream's config). State-dict keys are mmdet's: ``backbone.*`` (vitadapter's
+    backbone names), ``neck.*``, ``rpn_head.*``, ``roi_head.*``.
+
+    ``detector(images)``: a (B, 3, H, W) batch or a list of (3, H, W) images of any sizes, RGB
+    values 0..255, through upstream's test pipeline (``vitadapter.predict.detection_batch``: fit
+    ``test_scale``, normalise with ``mean``/``std`` in timm's 0..1 units, pad to 32; images batch
+    together only where their padded sizes agree, so each result is the image's own). Returns per
+    image {"boxes" (N, 4) x1y1x2y2 in that image's pixels, "scores" (N,), "labels" (N,) 0-based
+    indices into ``class_names``, "masks" (N, H, W) bool}, best score first, as torchvision's
+    detectors do. ``detect`` and ``detect_from_pyramid`` are the same from an already prepared
+    batch or from a backbone pyramid (mmdet's ``simple_test(rescale=True)``). Put the detector in
+    eval mode first: the cascade's box heads have BatchNorm.
+
+    ``model_args``: for a registered detector, the keyword arguments that rebuild it through its
+    architecture; None for one assembled otherwise.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: Mapping[str, Any],
+        rpn_head: Mapping[str, Any],
+        roi_head: Mapping[str, Any],
+        class_names: Optional[Sequence[str]] = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        test_scale: tuple[int, int] = DETECTION_SCALE,
+    ):
+        super().__init__(neck, rpn_head, roi_head)
+        self.backbone = backbone
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
+        self.class_names = tuple(class_names) if class_names is not None else None
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            raise ValueError(f"mean and std must be 3 values each (std positive), got {tuple(mean)} and {tuple(std)}")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.test_scale = tuple(test_scale)
+        self.model_args: Optional[dict[str, Any]] = None
+
+    def forward(self, images: Images) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise ValueError(
+                    f"images must be a (B, 3, H, W) batch or a list of (3, H, W) images, got shape {tuple(images.shape)}"
+                )
+            images = list(images.unbind(0))
+        elif not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a (B, 3, H, W) tensor or a list of (3, H, W) tensors, got {type(images).__name__}")
+        # Padding joins the computation (global and deformable attention see it), and upstream
+        # evaluates one image at a time: only images of one padded size share a batch.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            check_detection_image(image, f"images[{i}]")
+            groups.setdefault(padded_detection_size(*image.shape[-2:], self.test_scale), []).append(i)
+        parameter = next(self.parameters())
+        results: list[dict[str, torch.Tensor]] = [{} for _ in images]
+        for indices in groups.values():
+            batch, image_sizes, original_sizes = detection_batch(
+                [images[i] for i in indices], self.mean, self.std, self.test_scale, parameter.device
+            )
+            for i, result in zip(indices, self.detect(batch.to(parameter.dtype), image_sizes, original_sizes)):
+                results[i] = result
+        return results
+
+    def detect(
+        self,
+        images: torch.Tensor,
+        image_sizes: Sequence[Sequence[int]],
+        original_sizes: Sequence[Sequence[int]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections of an already normalised and padded (B, 3, H, W) batch: ``image_sizes`` = each
+        image's (h, w) inside the batch (mmdet's ``img_shape``), ``original_sizes`` = the (h, w) to
+        report boxes and masks in (``ori_shape``); the scale factors are their per-axis ratios."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a normalised, padded (B, 3, H, W) batch, got {shape}")
+        if images.shape[0] == 0:
+            return self.detect_from_pyramid([], image_sizes, original_sizes)
+        return self.detect_from_pyramid(self.backbone(images), image_sizes, original_sizes)
+
+    def dense_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The part of the computation fixed by the image size (backbone, neck, RPN maps): what the
+        catalog counts FLOPs of; the RoI heads' cost depends on how many proposals survive."""
+        return self.rpn_head(self.neck(self.backbone(images)))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for layer-wise lr decay: the backbone's groups with its names prefixed; the
+        adapter, neck and heads (unmatched) join the last group."""
+        return {group: _prefixed(rule, "backbone.") for group, rule in self.backbone.group_matcher(coarse).items()}
+
+    def no_weight_decay(self) -> set[str]:
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in inner}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+
+# ---- registered detectors: COCO releases and their pretrained cfgs -----------------------------------
+
+COCO = dict(num_classes=80, label_names=coco.CLASSES)
+# upstream's test scale, padded to 32: the largest batch a COCO image becomes (catalog FLOPs, describe)
+_TEST_INPUT = (3, 800, 1344)
+
+
+def coco_release(backbone_tag: str, **kwargs: Any) -> dict[str, Any]:
+    """The whole detector of the release file a backbone tag already points at (one file, one entry):
+    its url, notes, normalisation; COCO's classes."""
+    cfg = get_pretrained_cfg(backbone_tag).to_dict()
+    keep = ("url", "origin_url", "notes", "mean", "std", "license")
+    return dict({k: cfg[k] for k in keep if cfg.get(k) is not None}, **COCO, input_size=_TEST_INPUT, **kwargs)
+
+
+# (backbone width, number of classes) -> upstream's mmdet ``model`` dict without its backbone
+HeadsConfig = Callable[[int, int], Mapping[str, Any]]
+
+
+def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig) -> Detector:
+    """A registered detector: the ``backbone`` architecture and the heads of upstream's mmdet config
+    ``heads`` gives for its width and class count, at upstream's COCO test scale.
+
+    ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
+    ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
+    fine-tuning on other classes). ``pretrained_backbone=True`` starts the backbone from its
+    default tag instead (the ImageNet trunk upstream trains from). Other keyword arguments go to
+    the backbone.
+    """
+    if kwargs.pop("features_only", False):
+        raise ValueError(
+            f"{variant} is a task model (image -> detections) without a features_only form: its feature "
+            f"backbone is detector.backbone, or create {backbone!r} with features_only=True"
+        )
+    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
+    pretrained_backbone = kwargs.pop("pretrained_backbone", False)
+
+    def build(num_classes: int = 80, **backbone_kwargs: Any) -> Detector:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        backbone_kwargs.pop("global_pool", None)
+        net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
+        heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
+        names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
+        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std)
+        detector.model_args = dict({k: v for k, v in net.model_args.items() if k != "num_classes"}, num_classes=num_classes)
+        if pretrained:
+            checkpoint = cfg.state_dict
+            if checkpoint is None:
+                checkpoint = read_weights(fetch_weights(cfg.to_dict(), cache_dir, timeout))
+            load_detector_checkpoint(detector, checkpoint, keep_classifier=num_classes == cfg.num_classes)
+        return detector
+
+    return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
