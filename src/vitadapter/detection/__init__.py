@@ -3,7 +3,8 @@ parameter names: neck (``fpn``, ``channel_mapper``), ``anchors`` + ``rpn``, RoI 
 box and mask heads, ``roi_heads`` (Mask R-CNN, cascade), ``postprocess`` (NMS, mask pasting), and
 ``two_stage`` wiring them. Box coding (``box_coder``) is shared by the RPN and every stage. HTC++'s own
 parts: ``extra_attention`` (the neck in front of its FPN), ``semantic_head``, ``htc_heads`` (mask
-information flow) and ``soft_nms``."""
+information flow) and ``soft_nms``. Training beside the stages: ``assigner``, ``sampler``,
+``box_losses``, the ``loss`` methods of the RPN, box and mask heads, and ``training`` wiring them."""
 from .anchors import AnchorGenerator
 from .box_coder import DeltaXYWHBBoxCoder
 from .box_head import ConvFCBBoxHead

@@ -44,3 +44,16 @@ class DeltaXYWHBBoxCoder:
             out[:, 0::2] = out[:, 0::2].clamp(min=0, max=w)
             out[:, 1::2] = out[:, 1::2].clamp(min=0, max=h)
         return out.reshape(n, -1)
+
+    def encode(self, boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The deltas that :meth:`decode` turns ``boxes`` (N, 4) into ``targets`` (N, 4), normalised by
+        ``means``/``stds`` (mmdet's ``bbox2delta``); training's regression targets."""
+        if boxes.shape != targets.shape or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes and targets must both be (N, 4), got {tuple(boxes.shape)} and {tuple(targets.shape)}")
+        boxes, targets = boxes.float(), targets.float()
+        size = boxes[:, 2:] - boxes[:, :2]
+        centre = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+        target_size = targets[:, 2:] - targets[:, :2]
+        target_centre = (targets[:, :2] + targets[:, 2:]) * 0.5
+        deltas = torch.cat([(target_centre - centre) / size, torch.log(target_size / size)], dim=1)
+        return (deltas - deltas.new_tensor(self.means)) / deltas.new_tensor(self.stds)

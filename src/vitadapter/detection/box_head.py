@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .box_coder import DeltaXYWHBBoxCoder
+from .box_losses import BoxRegressionLoss
 from .conv_module import ConvModule
+from .sampler import SamplingResult
 
 
 class ConvFCBBoxHead(nn.Module):
@@ -71,3 +74,38 @@ class ConvFCBBoxHead(nn.Module):
             columns = labels[:, None] * 4 + torch.arange(4, device=labels.device)
             deltas = deltas.gather(1, columns)
         return self.decode(boxes, deltas, image_size)
+
+    def sample_labels(self, samples: Sequence[SamplingResult]) -> torch.Tensor:
+        """(K,) class targets of the sampled RoIs in loss order: per image the positives' gt classes, then
+        ``num_classes`` (background) for its negatives."""
+        return torch.cat([
+            torch.cat([s.pos_gt_labels, s.pos_gt_labels.new_full((s.neg_boxes.shape[0],), self.num_classes)]) for s in samples
+        ])
+
+    def loss(
+        self, logits: torch.Tensor, deltas: torch.Tensor, samples: Sequence[SamplingResult], regression: BoxRegressionLoss
+    ) -> dict[str, torch.Tensor]:
+        """mmdet's ``BBoxHead.loss`` on this head's outputs for the RoIs ``torch.cat([s.boxes for s in
+        samples])``: ``{"loss_cls", "loss_bbox"}``.
+
+        Softmax cross-entropy (background last) and ``regression`` on each positive's deltas of its gt
+        class (decoded from its RoI, unclipped, when the loss is on boxes), each summed and divided by
+        the number of sampled RoIs.
+        """
+        labels = self.sample_labels(samples)
+        if logits.shape[0] != labels.shape[0] or deltas.shape[0] != labels.shape[0]:
+            raise ValueError(f"logits and deltas need one row per sampled RoI ({labels.shape[0]}), got {logits.shape[0]} and {deltas.shape[0]}")
+        num_samples = max(labels.shape[0], 1)
+        loss_cls = F.cross_entropy(logits.float(), labels, reduction="sum") / num_samples
+        positive = labels < self.num_classes
+        pos_deltas = deltas.float()[positive]
+        if not self.reg_class_agnostic:
+            pos_deltas = pos_deltas.unflatten(1, (-1, 4))[torch.arange(pos_deltas.shape[0], device=labels.device), labels[positive]]
+        # positives come first within each image, so these rows line up with the gt boxes below
+        pos_rois = torch.cat([s.pos_boxes for s in samples]).float()
+        gt_boxes = torch.cat([s.pos_gt_boxes for s in samples]).float()
+        if regression.decoded:
+            loss_bbox = regression(self.bbox_coder.decode(pos_rois, pos_deltas), gt_boxes)
+        else:
+            loss_bbox = regression(pos_deltas, self.bbox_coder.encode(pos_rois, gt_boxes))
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / num_samples}

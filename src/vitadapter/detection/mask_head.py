@@ -1,10 +1,36 @@
 """The FCN mask head of Mask R-CNN (mmdet's ``FCNMaskHead``)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from .conv_module import ConvModule
+from .sampler import SamplingResult
+
+
+def mask_targets(samples: Sequence[SamplingResult], gt_masks: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """(K, size, size) 0/1 targets of the sampled positives (mmdet's ``mask_target``): each positive's box,
+    clipped to its gt mask, cut from that mask by aligned RoIAlign (adaptive sampling) and thresholded
+    at 0.5. ``gt_masks``: per image (G, H, W) in the batch's pixels, one per gt box."""
+    targets = []
+    for sample, masks in zip(samples, gt_masks):
+        if sample.pos_boxes.shape[0] == 0:
+            continue
+        height, width = masks.shape[-2:]
+        boxes = sample.pos_boxes.float()
+        boxes = torch.stack([boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1)
+        # the RoI's batch index picks its gt mask: no per-positive copy of full-size masks
+        rois = torch.cat([sample.pos_gt_inds[:, None].to(boxes), boxes], dim=1)
+        crops = roi_align(masks[:, None].to(boxes), rois, size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        targets.append((crops[:, 0] >= 0.5).float())
+    if not targets:
+        return torch.zeros(0, size, size, device=samples[0].pos_boxes.device if samples else None)
+    return torch.cat(targets)
 
 
 class FCNMaskHead(nn.Module):
@@ -53,3 +79,16 @@ class FCNMaskHead(nn.Module):
         logits = self.logits(self.features(roi_features))
         channel = torch.zeros_like(labels) if self.class_agnostic else labels
         return logits[torch.arange(logits.shape[0], device=logits.device), channel]
+
+    def loss(self, logits: torch.Tensor, samples: Sequence[SamplingResult], gt_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """mmdet's ``FCNMaskHead.loss`` on this head's logits for the positives ``torch.cat([s.pos_boxes
+        for s in samples])``: binary cross-entropy of each RoI's gt-class channel against
+        :func:`mask_targets` at the logits' size, averaged over all pixels of all RoIs."""
+        if logits.shape[0] == 0:
+            return logits.sum()
+        labels = torch.cat([s.pos_gt_labels for s in samples])
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"logits need one row per sampled positive ({labels.shape[0]}), got {logits.shape[0]}")
+        channel = torch.zeros_like(labels) if self.class_agnostic else labels
+        chosen = logits[torch.arange(logits.shape[0], device=logits.device), channel].float()
+        return F.binary_cross_entropy_with_logits(chosen, mask_targets(samples, gt_masks, logits.shape[-1]), reduction="mean")
