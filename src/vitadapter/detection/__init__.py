@@ -3,12 +3,13 @@ parameter names: neck (``fpn``, ``channel_mapper``), ``anchors`` + ``rpn``, RoI 
 box and mask heads, ``roi_heads`` (Mask R-CNN, cascade), ``postprocess`` (NMS, mask pasting), and
 ``two_stage`` wiring them. Box coding (``box_coder``) is shared by the RPN and every stage. HTC++'s own
 parts: ``extra_attention`` (the neck in front of its FPN), ``semantic_head``, ``htc_heads`` (mask
-information flow) and ``soft_nms``."""
+information flow), ``soft_nms`` and ``htc_roi_heads`` (the HTC RoI stage wiring them)."""
 from .anchors import AnchorGenerator
 from .box_coder import DeltaXYWHBBoxCoder
 from .box_head import ConvFCBBoxHead
 from .channel_mapper import ChannelMapperWithPooling
 from .fpn import FPN
+from .htc_roi_heads import HTCRoIHeads
 from .mask_head import FCNMaskHead
 from .poolers import RoIPooler, map_roi_levels
 from .postprocess import batched_nms, multiclass_nms, paste_masks
@@ -18,6 +19,6 @@ from .two_stage import TwoStageDetectorHeads
 
 __all__ = [
     "AnchorGenerator", "CascadeRoIHeads", "ChannelMapperWithPooling", "ConvFCBBoxHead", "DeltaXYWHBBoxCoder", "FCNMaskHead",
-    "FPN", "RPNHead", "RoIHeads", "RoIPooler", "TwoStageDetectorHeads", "batched_nms", "map_roi_levels",
+    "FPN", "HTCRoIHeads", "RPNHead", "RoIHeads", "RoIPooler", "TwoStageDetectorHeads", "batched_nms", "map_roi_levels",
     "multiclass_nms", "paste_masks",
 ]
