@@ -335,3 +335,15 @@ def test_htc_roi_head_rejects_bad_arguments():
         HTCRoIHeads([box], [mask], sem, soft_nms={"threshold": 0.5})
     with pytest.raises(ValueError, match="method"):
         HTCRoIHeads([box], [mask], sem, soft_nms={"method": "hard"})
+
+
+def test_upstream_full_size_config_builds_the_same_layout():
+    """Upstream's HTC++ config unreduced (256-wide heads, 1024-wide pyramid, 183 semantic classes) builds,
+    on the meta device, the fixture's module layout: the same checkpoint keys."""
+    cfg = copy.deepcopy(META["upstream_model_cfg"])
+    cfg["test_cfg"] = META["test_cfg"]
+    with torch.device("meta"):
+        heads = TwoStageDetectorHeads(**detector_heads_kwargs(cfg))
+    assert set(heads.state_dict()) == set(checkpoint())
+    assert heads.roi_head.semantic_head.conv_logits.out_channels == 183 and heads.num_classes == 80
+    assert heads.neck[0].in_channels == (1024,) * 4 and heads.neck[1].out_channels == 256
