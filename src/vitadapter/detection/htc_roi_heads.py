@@ -139,11 +139,12 @@ class HTCRoIHeads(nn.Module):
             results.append({"boxes": dets[:, :4], "scores": dets[:, 4], "labels": labels})
             # mmdet reads the masks at the detections mapped back into the batch
             mask_boxes.append(dets[:, :4] * scale_factor(size, original, r.device))
-        masks = features[0].new_zeros(0, 0, 0)
-        if sum(b.shape[0] for b in mask_boxes):
+        counts = [b.shape[0] for b in mask_boxes]
+        probs = features[0].new_zeros(0, 0, 0)
+        if sum(counts):
             labels = torch.cat([r["labels"] for r in results])
-            masks = self.mask_probabilities(features, semantic, boxes_to_rois(mask_boxes), labels)
-        for result, probs, boxes, size, original in zip(results, masks.split([b.shape[0] for b in mask_boxes]), mask_boxes, image_sizes, original_sizes):
+            probs = self.mask_probabilities(features, semantic, boxes_to_rois(mask_boxes), labels)
+        for result, p, boxes, size, original in zip(results, probs.split(counts), mask_boxes, image_sizes, original_sizes):
             # pasted at the batch boxes scaled back, as mmdet's get_seg_masks does
-            result["masks"] = paste_masks(probs, boxes / scale_factor(size, original, boxes.device), original, self.mask_thr_binary)
+            result["masks"] = paste_masks(p, boxes / scale_factor(size, original, boxes.device), original, self.mask_thr_binary)
         return results
