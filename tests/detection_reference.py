@@ -181,3 +181,90 @@ def roi_stage(roi_head, features, proposals, image_sizes, original_sizes):
             res["masks"] = torch.stack([p[1] for p in pasted])
         results.append(res)
     return results
+
+
+def _conv1x1_relu(unit, x):
+    return F.conv2d(x, unit.conv.weight.double(), unit.conv.bias.double()).clamp(min=0)
+
+
+def htc_mask_probs(heads, x, labels):
+    """HTC's mask stages with information flow, written out: stage k adds ReLU(conv_res(previous last
+    conv feature)) to the RoI features; the stages' sigmoids at each RoI's class are averaged."""
+    probs, last = 0, None
+    for head in heads:
+        h = x if last is None else x + _conv1x1_relu(head.conv_res, last)
+        for unit in head.convs:
+            h = _conv_unit(unit, h)
+        last = h
+        up = F.conv_transpose2d(h, head.upsample.weight.double(), head.upsample.bias.double(), stride=2).clamp(min=0)
+        logits = F.conv2d(up, head.conv_logits.weight.double(), head.conv_logits.bias.double())
+        probs = probs + torch.stack([logits[i, int(c)] for i, c in enumerate(labels)]).sigmoid()
+    return probs / len(heads)
+
+
+def semantic_pool(semantic, rois, stride, size, out_size):
+    """The semantic map RoIAligned per RoI at ``size`` (one call each), then each (size/out_size)^2 block averaged."""
+    out = [roi_align(semantic.double(), torch.tensor([roi], dtype=torch.float64), size, spatial_scale=1 / stride,
+                     sampling_ratio=0, aligned=True)[0] for roi in rois.tolist()]
+    if not out:
+        return torch.zeros(0, semantic.shape[1], out_size, out_size, dtype=torch.float64)
+    pooled = torch.stack(out)
+    k = size // out_size
+    return pooled.reshape(len(out), -1, out_size, k, out_size, k).mean(dim=(3, 5))
+
+
+def soft_nms_linear_per_class(cands, iou_threshold, min_score):
+    """Textbook linear soft-NMS, each class on its own: take the best remaining box, lower every other
+    of its class by (1 - IoU) where IoU >= the threshold, drop those under ``min_score``. All kept
+    (score at selection, label, box, score before soft-NMS), best first."""
+    kept = []
+    for label in sorted({c[1] for c in cands}):
+        pool_ = [[c[0], c[1], c[2], c[0]] for c in cands if c[1] == label]
+        while pool_:
+            best = max(range(len(pool_)), key=lambda i: pool_[i][0])
+            top = pool_.pop(best)
+            kept.append(tuple(top))
+            for c in pool_:
+                overlap = iou(top[2], c[2])
+                if overlap >= iou_threshold:
+                    c[0] *= 1 - overlap
+            pool_ = [c for c in pool_ if c[0] >= min_score]
+    return sorted(kept, key=lambda c: -c[0])
+
+
+def htc_roi_stage(roi_head, features, semantic, proposals, image_sizes, original_sizes):
+    """HTC's RoI stage per image, as ``roi_stage`` with semantic fusion, soft-NMS and mask information flow."""
+    bbox_heads, stride, sem_size = roi_head.bbox_heads, roi_head.semantic_stride, roi_head.semantic_roi_size
+    soft = {"iou_threshold": 0.3, "min_score": 1e-3, **roi_head.soft_nms}
+    results = []
+    for b, (props, size, original) in enumerate(zip(proposals, image_sizes, original_sizes)):
+        rois = torch.tensor([[float(b), *p[:4]] for p in props.double().tolist()], dtype=torch.float64).reshape(-1, 5)
+        stages, logits_sum = [], 0
+        for k, head in enumerate(bbox_heads):
+            feats = pool(features, rois, 7) + semantic_pool(semantic, rois, stride, sem_size, 7)
+            logits, deltas = box_head(head, feats)
+            stages.append((rois, logits))
+            logits_sum = logits_sum + logits
+            if k + 1 < len(bbox_heads):
+                rois = torch.tensor([[roi[0], *decode(roi[1:], d[:4], head.bbox_coder.stds, size)]
+                                     for roi, d in zip(rois.tolist(), deltas.tolist())], dtype=torch.float64).reshape(-1, 5)
+        scores = (logits_sum / len(bbox_heads)).softmax(-1).tolist()
+        sx, sy = size[1] / original[1], size[0] / original[0]
+        cands = []
+        for roi, sc, d in zip(rois.tolist(), scores, deltas.tolist()):
+            x1, y1, x2, y2 = decode(roi[1:], d[:4], bbox_heads[-1].bbox_coder.stds, size)
+            cands += [(sc[c], c, [x1 / sx, y1 / sy, x2 / sx, y2 / sy]) for c in range(len(sc) - 1) if sc[c] > roi_head.score_thr]
+        kept = soft_nms_linear_per_class(cands, soft["iou_threshold"], soft["min_score"])[: roi_head.max_per_img]
+        res = {"stages": stages, "boxes": torch.tensor([k[2] for k in kept], dtype=torch.float64).reshape(-1, 4),
+               "scores": torch.tensor([k[0] for k in kept], dtype=torch.float64), "labels": torch.tensor([k[1] for k in kept]),
+               "decayed": sum(k[0] < k[3] for k in kept)}
+        if kept:
+            factor = torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+            mask_rois = torch.cat([torch.full((len(kept), 1), float(b), dtype=torch.float64), res["boxes"] * factor], 1)
+            feats = pool(features, mask_rois, 14) + semantic_pool(semantic, mask_rois, stride, sem_size, 14)
+            probs = htc_mask_probs(roi_head.mask_heads, feats, res["labels"])
+            pasted = [paste(p, box, original, roi_head.mask_thr_binary) for p, box in zip(probs, res["boxes"].tolist())]
+            res["probs"] = torch.stack([p[0] for p in pasted])
+            res["masks"] = torch.stack([p[1] for p in pasted])
+        results.append(res)
+    return results

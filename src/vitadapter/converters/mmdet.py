@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 HEAD_PREFIXES = ("neck.", "rpn_head.", "roi_head.")
-DETECTOR_TYPES = ("MaskRCNN", "FasterRCNN", "CascadeRCNN")
+DETECTOR_TYPES = ("MaskRCNN", "FasterRCNN", "CascadeRCNN", "HybridTaskCascade")
 
 # accepted everywhere without effect at test time: weights come from the checkpoint, losses and
 # their bookkeeping are training-only, mm-config merge directives
-_IGNORED = ("type", "init_cfg", "_delete_", "loss_cls", "loss_bbox", "loss_mask", "conv_cfg", "train_cfg", "pretrained")
+_IGNORED = ("type", "init_cfg", "_delete_", "loss_cls", "loss_bbox", "loss_mask", "loss_seg", "conv_cfg", "train_cfg", "pretrained")
 _NORMS = ("BN", "SyncBN", "MMSyncBN")
 
 
@@ -189,6 +189,98 @@ def roi_head_kwargs(cfg: Mapping[str, Any], test_cfg: Mapping[str, Any]) -> dict
     return {"type": "CascadeRoIHeads", **kwargs}
 
 
+def extra_attention_kwargs(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Upstream's ``ExtraAttention`` neck (its ``norm_layer`` is always LayerNorm in a config)."""
+    cfg = _check_type(cfg, ("ExtraAttention",), where)
+    _check_keys(cfg, ("in_channels", "num_head", "with_ffn", "ffn_ratio", "drop_path", "init_values", "use_final_norm", "with_cp"), where)
+    kwargs = {"in_channels": list(cfg["in_channels"]), "num_head": int(cfg["num_head"])}
+    for key in ("with_ffn", "ffn_ratio", "drop_path", "init_values", "use_final_norm", "with_cp"):
+        if key in cfg:
+            kwargs[key] = cfg[key]
+    return {"type": "ExtraAttention", **kwargs}
+
+
+def necks_kwargs(cfg: Any) -> Any:
+    """One neck dict, or mmdet's list of necks run in order (HTC++: ``ExtraAttention`` then ``FPN``)."""
+    if not isinstance(cfg, (list, tuple)):
+        return neck_kwargs(cfg)
+    if not cfg:
+        raise ValueError("neck: an empty list of necks")
+    return [
+        extra_attention_kwargs(c, f"neck[{i}]") if isinstance(c, Mapping) and c.get("type") == "ExtraAttention" else neck_kwargs(c)
+        for i, c in enumerate(cfg)
+    ]
+
+
+def htc_mask_head_kwargs(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """mmdet ``HTCMaskHead``: an ``FCNMaskHead`` without norms plus ``with_conv_res``."""
+    cfg = _check_type(cfg, ("HTCMaskHead",), where)
+    fcn = mask_head_kwargs({k: v for k, v in cfg.items() if k != "with_conv_res"} | {"type": "FCNMaskHead"}, where)
+    if fcn.pop("norm"):
+        raise ValueError(f"{where}: HTCMaskHead with norm_cfg is not supported")
+    return {**fcn, "with_conv_res": bool(cfg.get("with_conv_res", True))}
+
+
+def semantic_head_kwargs(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """mmdet ``FusedSemanticHead`` (no norms; its loss settings are training-only)."""
+    cfg = _check_type(cfg, ("FusedSemanticHead",), where)
+    _check_keys(cfg, ("num_ins", "fusion_level", "num_convs", "in_channels", "conv_out_channels", "num_classes",
+                      "ignore_label", "loss_weight", "norm_cfg"), where)
+    if cfg.get("norm_cfg") is not None:
+        raise ValueError(f"{where}: FusedSemanticHead with norm_cfg is not supported")
+    return {"num_ins": int(cfg["num_ins"]), "fusion_level": int(cfg["fusion_level"]), "num_convs": int(cfg.get("num_convs", 4)),
+            "in_channels": int(cfg.get("in_channels", 256)), "conv_out_channels": int(cfg.get("conv_out_channels", 256)),
+            "num_classes": int(cfg.get("num_classes", 183))}
+
+
+def soft_nms_kwargs(cfg: Any, where: str) -> dict[str, Any]:
+    """mmcv ``soft_nms`` settings of ``test_cfg.rcnn.nms`` (classes kept apart, mmcv's split rule)."""
+    cfg = _check_type(cfg, ("soft_nms",), where)
+    _check_keys(cfg, ("iou_threshold", "sigma", "min_score", "method", "offset", "class_agnostic", "split_thr"), where)
+    if cfg.get("class_agnostic", False) or cfg.get("split_thr", 10000) != 10000:
+        raise ValueError(f"{where}: class_agnostic and split_thr other than mmcv's defaults are not supported")
+    return {k: cfg[k] for k in ("iou_threshold", "sigma", "min_score", "method", "offset") if k in cfg}
+
+
+def htc_roi_head_kwargs(cfg: Mapping[str, Any], test_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """mmdet ``HybridTaskCascadeRoIHead`` (with semantic head, mask information flow, semantic fusion into
+    both branches) + ``test_cfg.rcnn`` with soft-NMS -> ``HTCRoIHeads``."""
+    cfg = _check_type(cfg, ("HybridTaskCascadeRoIHead",), "roi_head")
+    _check_keys(cfg, ("bbox_roi_extractor", "bbox_head", "mask_roi_extractor", "mask_head", "num_stages", "stage_loss_weights",
+                      "semantic_roi_extractor", "semantic_head", "semantic_fusion", "interleaved", "mask_info_flow", "test_cfg"), "roi_head")
+    for part in ("mask_head", "semantic_head", "semantic_roi_extractor"):
+        if cfg.get(part) is None:
+            raise ValueError(f"roi_head: HybridTaskCascadeRoIHead without {part} is not supported")
+    if not cfg.get("mask_info_flow", True):
+        raise ValueError("roi_head: HybridTaskCascadeRoIHead with mask_info_flow=False is not supported")
+    if set(cfg.get("semantic_fusion", ("bbox", "mask"))) != {"bbox", "mask"}:
+        raise ValueError(f"roi_head: semantic_fusion {cfg['semantic_fusion']!r} is not supported (only ('bbox', 'mask'))")
+    test = dict(test_cfg)
+    _check_keys(test, ("score_thr", "nms", "max_per_img", "mask_thr_binary"), "test_cfg.rcnn")
+    stages = int(cfg["num_stages"])
+
+    def per_stage(value: Any, name: str) -> list[Any]:
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * stages
+        if len(values) != stages:
+            raise ValueError(f"roi_head.{name}: {len(values)} entries for {stages} stages")
+        return values
+
+    semantic = roi_extractor_kwargs(cfg["semantic_roi_extractor"], "roi_head.semantic_roi_extractor")
+    if len(semantic["featmap_strides"]) != 1 or semantic["sampling_ratio"] != 0:
+        raise ValueError("roi_head.semantic_roi_extractor: one feature map stride and sampling_ratio=0 are supported")
+    return {
+        "type": "HTCRoIHeads",
+        "bbox_heads": [bbox_head_kwargs(c, f"roi_head.bbox_head.{i}") for i, c in enumerate(per_stage(cfg["bbox_head"], "bbox_head"))],
+        "mask_heads": [htc_mask_head_kwargs(c, f"roi_head.mask_head.{i}") for i, c in enumerate(per_stage(cfg["mask_head"], "mask_head"))],
+        "semantic_head": semantic_head_kwargs(cfg["semantic_head"], "roi_head.semantic_head"),
+        "bbox_roi_extractor": roi_extractor_kwargs(cfg["bbox_roi_extractor"], "roi_head.bbox_roi_extractor"),
+        "mask_roi_extractor": roi_extractor_kwargs(cfg["mask_roi_extractor"], "roi_head.mask_roi_extractor"),
+        "semantic_stride": int(semantic["featmap_strides"][0]), "semantic_roi_size": semantic["output_size"],
+        "score_thr": float(test.get("score_thr", 0.05)), "soft_nms": soft_nms_kwargs(test.get("nms", {}), "test_cfg.rcnn.nms"),
+        "max_per_img": int(test.get("max_per_img", 100)), "mask_thr_binary": float(test.get("mask_thr_binary", 0.5)),
+    }
+
+
 def detector_heads_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Upstream's whole detection ``model`` dict (``neck``, ``rpn_head``, ``roi_head``, ``test_cfg``) ->
     ``TwoStageDetectorHeads(**kwargs)``. The ``backbone`` entry is not read here."""
@@ -197,7 +289,9 @@ def detector_heads_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     model_cfg = _check_type(model_cfg, DETECTOR_TYPES, "model")
     _check_keys(model_cfg, ("backbone", "neck", "rpn_head", "roi_head", "test_cfg"), "model")
     for part in ("neck", "rpn_head", "roi_head", "test_cfg"):
-        if not isinstance(model_cfg.get(part), Mapping):
+        value = model_cfg.get(part)
+        # mmdet also takes a list of necks, run in order
+        if not isinstance(value, Mapping) and not (part == "neck" and isinstance(value, (list, tuple))):
             raise ValueError(f"the detection model config needs a {part!r} dict (mmdet 2.x layout)")
     test_cfg = model_cfg["test_cfg"]
     for part in ("rpn", "rcnn"):
@@ -205,10 +299,13 @@ def detector_heads_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"model.test_cfg needs an {part!r} dict")
     if model_cfg["type"] == "CascadeRCNN" and model_cfg["roi_head"].get("type") != "CascadeRoIHead":
         raise ValueError("model: a CascadeRCNN needs a CascadeRoIHead")
+    htc = model_cfg["type"] == "HybridTaskCascade"
+    if htc != (model_cfg["roi_head"].get("type") == "HybridTaskCascadeRoIHead"):
+        raise ValueError("model: a HybridTaskCascade needs a HybridTaskCascadeRoIHead, and only it takes one")
     return {
-        "neck": neck_kwargs(model_cfg["neck"]),
+        "neck": necks_kwargs(model_cfg["neck"]),
         "rpn_head": rpn_head_kwargs(model_cfg["rpn_head"], test_cfg["rpn"]),
-        "roi_head": roi_head_kwargs(model_cfg["roi_head"], test_cfg["rcnn"]),
+        "roi_head": (htc_roi_head_kwargs if htc else roi_head_kwargs)(model_cfg["roi_head"], test_cfg["rcnn"]),
     }
 
 

@@ -2,7 +2,7 @@
 ``CascadeRoIHead`` with ``simple_test(rescale=True)``): proposals -> detections in original pixels."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -26,6 +26,36 @@ def scale_factor(image_size: Size, original_size: Size, device: torch.device) ->
     float32 as mmdet's ``Resize`` stores them."""
     (h, w), (oh, ow) = image_size, original_size
     return torch.tensor([w / ow, h / oh, w / ow, h / oh], dtype=torch.float32, device=device)
+
+
+def cascade_stages(
+    heads: Sequence[ConvFCBBoxHead],
+    pool: Callable[[torch.Tensor], torch.Tensor],
+    rois: torch.Tensor,
+    image_sizes: Sequence[Size],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per stage: (RoIs fed to it, class logits, deltas), ``pool`` giving each stage's RoI features.
+    Between stages each RoI moves by the deltas of that stage's best foreground class, clipped to its
+    image; nothing is filtered."""
+    counts = torch.bincount(rois[:, 0].long(), minlength=len(image_sizes)).tolist()
+    outputs = []
+    for k, head in enumerate(heads):
+        logits, deltas = head(pool(rois))
+        outputs.append((rois, logits, deltas))
+        if k + 1 < len(heads):
+            labels = logits[:, :-1].argmax(dim=1)
+            rois = torch.cat([
+                torch.cat([r[:, :1], head.regress_by_class(r[:, 1:], l, d, size)], dim=1)
+                for r, l, d, size in zip(rois.split(counts), labels.split(counts), deltas.split(counts), image_sizes)
+            ])
+    return outputs
+
+
+def decode_to_original(head: ConvFCBBoxHead, rois: torch.Tensor, deltas: torch.Tensor, image_size: Size, original_size: Size) -> torch.Tensor:
+    """One image's (N, 5) RoIs moved by ``head``'s deltas, clipped to ``image_size``, then divided by the
+    scale factor (mmdet's ``get_bboxes(rescale=True)``): (N, 4) or (N, 4 * classes) in original pixels."""
+    boxes = head.decode(rois[:, 1:], deltas, image_size)
+    return (boxes.unflatten(1, (-1, 4)) / scale_factor(image_size, original_size, rois.device)).flatten(1)
 
 
 class _RoIHeadsBase(nn.Module):
@@ -59,20 +89,8 @@ class _RoIHeadsBase(nn.Module):
     def stage_outputs(
         self, features: Sequence[torch.Tensor], rois: torch.Tensor, image_sizes: Sequence[Size]
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per stage: (RoIs fed to it, class logits, deltas). Between stages each RoI moves by the deltas
-        of that stage's best foreground class, clipped to its image; nothing is filtered."""
-        counts = torch.bincount(rois[:, 0].long(), minlength=len(image_sizes)).tolist()
-        outputs = []
-        for k, head in enumerate(self.bbox_heads):
-            logits, deltas = head(self.bbox_roi_extractor(features, rois))
-            outputs.append((rois, logits, deltas))
-            if k + 1 < len(self.bbox_heads):
-                labels = logits[:, :-1].argmax(dim=1)
-                rois = torch.cat([
-                    torch.cat([r[:, :1], head.regress_by_class(r[:, 1:], l, d, size)], dim=1)
-                    for r, l, d, size in zip(rois.split(counts), labels.split(counts), deltas.split(counts), image_sizes)
-                ])
-        return outputs
+        """Per stage: (RoIs fed to it, class logits, deltas); see :func:`cascade_stages`."""
+        return cascade_stages(self.bbox_heads, lambda r: self.bbox_roi_extractor(features, r), rois, image_sizes)
 
     def forward(
         self,
@@ -93,8 +111,7 @@ class _RoIHeadsBase(nn.Module):
         results, mask_boxes = [], []
         for r, s, d, size, original in zip(rois.split(counts), scores.split(counts), deltas.split(counts), image_sizes, original_sizes):
             factor = scale_factor(size, original, r.device)
-            boxes = self.bbox_heads[-1].decode(r[:, 1:], d, size)
-            boxes = (boxes.unflatten(1, (-1, 4)) / factor).flatten(1)
+            boxes = decode_to_original(self.bbox_heads[-1], r, d, size, original)
             det_boxes, det_scores, det_labels = multiclass_nms(boxes, s, self.score_thr, self.iou_threshold, self.max_per_img)
             results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
             # mmdet reads the masks at the detections mapped back into the batch

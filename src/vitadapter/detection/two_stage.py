@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from .channel_mapper import ChannelMapperWithPooling
+from .extra_attention import ExtraAttention
 from .fpn import FPN
+from .htc_roi_heads import HTCRoIHeads
 from .roi_heads import CascadeRoIHeads, RoIHeads
 from .rpn import RPNHead
 
-NECKS = {"FPN": FPN, "ChannelMapperWithPooling": ChannelMapperWithPooling}
-ROI_HEADS = {"RoIHeads": RoIHeads, "CascadeRoIHeads": CascadeRoIHeads}
+NECKS = {"FPN": FPN, "ChannelMapperWithPooling": ChannelMapperWithPooling, "ExtraAttention": ExtraAttention}
+ROI_HEADS = {"RoIHeads": RoIHeads, "CascadeRoIHeads": CascadeRoIHeads, "HTCRoIHeads": HTCRoIHeads}
 
 
 def _build(registry: Mapping[str, type], kwargs: Mapping[str, Any], where: str) -> nn.Module:
@@ -25,6 +27,16 @@ def _build(registry: Mapping[str, type], kwargs: Mapping[str, Any], where: str) 
     if kind not in registry:
         raise ValueError(f"{where}: type {kind!r} is not supported (supported: {', '.join(registry)})")
     return registry[kind](**kwargs)
+
+
+def _build_neck(neck: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> nn.Module:
+    """One neck, or a chain of them run in order (mmdet's list of necks, e.g. HTC++'s ExtraAttention then
+    FPN): an ``nn.Sequential``, so the checkpoint keys are mmdet's ``neck.{i}.*``."""
+    if isinstance(neck, Sequence) and not isinstance(neck, str):
+        if not neck:
+            raise ValueError("neck: an empty list of necks")
+        return nn.Sequential(*(_build(NECKS, n, f"neck[{i}]") for i, n in enumerate(neck)))
+    return _build(NECKS, neck, "neck")
 
 
 def _check_sizes(sizes: Sequence[Sequence[int]], batch: int, name: str) -> list[tuple[int, int]]:
@@ -39,16 +51,17 @@ def _check_sizes(sizes: Sequence[Sequence[int]], batch: int, name: str) -> list[
 
 
 class TwoStageDetectorHeads(nn.Module):
-    """The detector minus its backbone: ``neck`` (``{"type": "FPN" | "ChannelMapperWithPooling", ...}``),
-    ``rpn_head`` (``RPNHead`` kwargs) and ``roi_head`` (``{"type": "RoIHeads" | "CascadeRoIHeads", ...}``).
+    """The detector minus its backbone: ``neck`` (``{"type": "FPN" | "ChannelMapperWithPooling" |
+    "ExtraAttention", ...}``, or a list of them run in order), ``rpn_head`` (``RPNHead`` kwargs) and
+    ``roi_head`` (``{"type": "RoIHeads" | "CascadeRoIHeads" | "HTCRoIHeads", ...}``).
     ``vitadapter.converters.mmdet.detector_heads_kwargs`` makes these from upstream's ``model`` dict.
 
     ``detect_from_pyramid`` is mmdet's ``simple_test(rescale=True)`` after the backbone.
     """
 
-    def __init__(self, neck: Mapping[str, Any], rpn_head: Mapping[str, Any], roi_head: Mapping[str, Any]):
+    def __init__(self, neck: Mapping[str, Any] | Sequence[Mapping[str, Any]], rpn_head: Mapping[str, Any], roi_head: Mapping[str, Any]):
         super().__init__()
-        self.neck = _build(NECKS, neck, "neck")
+        self.neck = _build_neck(neck)
         if not isinstance(rpn_head, Mapping):
             raise TypeError(f"rpn_head must be a dict of RPNHead arguments, got {type(rpn_head).__name__}")
         self.rpn_head = RPNHead(**rpn_head)
