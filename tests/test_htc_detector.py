@@ -347,3 +347,23 @@ def test_upstream_full_size_config_builds_the_same_layout():
     assert set(heads.state_dict()) == set(checkpoint())
     assert heads.roi_head.semantic_head.conv_logits.out_channels == 183 and heads.num_classes == 80
     assert heads.neck[0].in_channels == (1024,) * 4 and heads.neck[1].out_channels == 256
+
+
+def test_whole_htc_detector_loads_through_load_upstream_detector_and_runs_from_the_image():
+    """Upstream's whole HTC++ model dict (with the det_beit backbone it ran on) and checkpoint, from the
+    backbone fixture's normalised and padded image to the final detections."""
+    import vitadapter
+    from vitadapter.models.checkpoints import load_detector_checkpoint
+
+    backbone = json.loads((FIXTURES / "det_beit.json").read_text())["backbone"]
+    state = dict(torch.load(FIXTURES / "det_beit.pth", weights_only=False)["state_dict"])
+    state.update(torch.load(FIXTURES / "htc_head.pth", weights_only=True)["state_dict"])
+    detector = vitadapter.load_upstream_detector(dict(META["model"], backbone=backbone), state).eval()
+    image = load_file(FIXTURES / "det_beit_io.safetensors")["input"]
+    with torch.no_grad():
+        (result,) = detector.detect(image, [IMG_SHAPE], [ORI_SHAPE])
+    check_end_to_end(result)
+    mask_rcnn = torch.load(FIXTURES / "mask_rcnn_heads.pth", weights_only=True)["state_dict"]
+    backbone_state = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    with pytest.raises(ValueError, match="Mask R-CNN.*the model is an HTC"):
+        load_detector_checkpoint(detector, {**backbone_state, **mask_rcnn})

@@ -16,6 +16,7 @@ from ..converters.backbone import Conversion, adapt_input_convs, convert_checkpo
 from ..converters import mmdet
 from ..converters.mmseg import HEAD_PREFIXES, is_classifier
 from ..detection import CascadeRoIHeads
+from ..detection.htc_roi_heads import HTCRoIHeads
 from ..weights.fetch import fetch_weights
 from ..weights.read import Checkpoint, as_dict, check_state_dict, read_checkpoint, read_weights, unwrap
 
@@ -108,10 +109,12 @@ def load_detector_checkpoint(detector: nn.Module, checkpoint: Checkpoint, keep_c
 def _check_detector_layout(detector: nn.Module, heads: Mapping[str, Any]) -> None:
     """Refuse the checkpoint of another detector type by name, before keys are compared one by one."""
     theirs = mmdet.checkpoint_layout(heads)
-    ours = mmdet.layout(len(detector.roi_head.bbox_heads) if isinstance(detector.roi_head, CascadeRoIHeads) else 0)
+    roi_head = detector.roi_head
+    stages = len(roi_head.bbox_heads) if isinstance(roi_head, (CascadeRoIHeads, HTCRoIHeads)) else 0
+    ours = mmdet.layout(stages, htc=isinstance(roi_head, HTCRoIHeads))
     if theirs != ours:
         raise ValueError(f"this checkpoint is {theirs} and the model is {ours}: build the model from the checkpoint's own config")
     fpn = mmdet.has_fpn(heads)
-    if fpn != (type(detector.neck).__name__ == "FPN"):
+    if not isinstance(roi_head, HTCRoIHeads) and fpn != (type(detector.neck).__name__ == "FPN"):
         theirs_neck = "an FPN" if fpn else "a ChannelMapperWithPooling (no FPN)"
         raise ValueError(f"this checkpoint's neck is {theirs_neck} and the model's a {type(detector.neck).__name__}")
