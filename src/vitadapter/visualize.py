@@ -286,7 +286,7 @@ def detection_overlay(
     ``opacity`` 0.5), its box outlined, and "class score" on a tag filled with that colour (black or
     white text, whichever stands out more) at the box's top-left corner, so labels read on dark and
     light photos alike. The lowest score is drawn first, so the best lie on top. A white band above
-    the image holds ``alert`` in red and ``caption`` in black."""
+    the image, ruled off from it, holds ``alert`` in red and ``caption`` in black."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)
     width, height = image.size
@@ -323,10 +323,12 @@ def detection_overlay(
     band_font, band_pad = _font(band_size), max(3, band_size // 3)
     lines = [(text, _ALERT) for text in _wrap(alert, band_font, width - 2 * band_pad)]
     lines += [(text, (0, 0, 0)) for text in _wrap(caption, band_font, width - 2 * band_pad)]
-    band = len(lines) * (band_size + band_pad) + band_pad if lines else 0
+    band = len(lines) * (band_size + band_pad) + band_pad + 1 if lines else 0
     picture = Image.new("RGB", (width, height + band), "white")
     picture.paste(drawn, (0, band))
     draw = ImageDraw.Draw(picture)
+    if lines:  # a rule between band and photo, which may be white too
+        draw.line((0, band - 1, width, band - 1), fill=(128, 128, 128))
     for k, (text, colour) in enumerate(lines):
         draw.text((band_pad, band_pad + k * (band_size + band_pad)), text, fill=colour, font=band_font)
     return picture
