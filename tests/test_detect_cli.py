@@ -274,8 +274,7 @@ def test_detect_a_folder_skips_the_unreadable_file(tmp_path, capsys, monkeypatch
             expected = detection_overlay(Image.open(folder / f"{name}.{'png' if name == '7' else 'jpg'}").convert("RGB"),
                                          by_size[(h, w)]["boxes"][:1].numpy(), np.array([0.95]), np.array([CAT]),
                                          by_size[(h, w)]["masks"][:1].numpy(), coco.CLASSES,
-                                         caption="1 of 2 detections drawn, those scoring at least 0.3: mask tint, box and "
-                                                 "'class score' in one colour each")
+                                         caption="1 of 2 detections scoring at least 0.3 drawn: mask, box, class and score")
             assert np.array_equal(np.asarray(overlay), np.asarray(expected))  # only the 0.95 one, no alert
     assert stub.roi_head.score_thr == 0.05  # the default 0.3 leaves the model's own threshold alone
 
@@ -324,3 +323,23 @@ def test_usage_errors_of_detect_and_eval_det_answer_without_torch():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_eval_det_runs_a_detector_checkpoint_of_other_classes(tmp_path, capsys):
+    """A whole 3-class T detector saved with torch.save, scored end to end: built for the file's
+    class count, its unnamed classes matched to the annotations' 3 categories in id order."""
+    data, _ = synthetic_coco(tmp_path)
+    data["categories"] = [{"id": k, "name": name} for k, name in ((5, "a"), (9, "b"), (17, "c"))]
+    for entry in data["annotations"]:
+        entry["category_id"] = 9
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    torch.manual_seed(0)
+    model = vitadapter.create_model("mask_rcnn_vit_adapter_t", num_classes=3)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "three.pth")
+    argv = ["eval-det", "--data", str(tmp_path / "val"), "--weights", str(tmp_path / "three.pth"), "--size", "64", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"weights: {tmp_path / 'three.pth'}" in out and "test scale 107 x 64" in out
+    for iou_type in ("bbox", "segm"):
+        line = re.search(rf"^{iou_type}_mAP_copypaste: (.*)$", out, re.M).group(1).split()
+        assert len(line) == 6 and all(0 <= float(v) <= 1 for v in line)

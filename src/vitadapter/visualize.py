@@ -303,7 +303,7 @@ def detection_overlay(
         pixels[masks[i]] = pixels[masks[i]] * (1 - opacity) + np.asarray(colours[i], np.float32) * opacity
     drawn = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
 
-    size = max(11, min(22, round(max(width, height) / 40)))
+    size = max(12, min(22, round(max(width, height) / 40)))
     font, pad = _font(size), max(2, size // 5)
     line_width = max(2, round(max(width, height) / 300))
     draw = ImageDraw.Draw(drawn)

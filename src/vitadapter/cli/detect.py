@@ -92,8 +92,7 @@ def detect(args: argparse.Namespace) -> int:
                 found = {k: v.numpy() for k, v in predict_detections(model, image).items()}
             results += detection_results(found, image_id, categories)
             shown = found["scores"] >= args.score_thr
-            caption = (f"{int(shown.sum())} of {len(shown)} detections drawn, those scoring at least {args.score_thr:g}: "
-                       f"mask tint, box and 'class score' in one colour each")
+            caption = f"{int(shown.sum())} of {len(shown)} detections scoring at least {args.score_thr:g} drawn: mask, box, class and score"
             picture = detection_overlay(image, *(found[k][shown] for k in ("boxes", "scores", "labels", "masks")), names,
                                         caption=caption, alert=alert)
             overlay_path = out / f"{stem}.overlay.png"
