@@ -98,23 +98,16 @@ def _nanmean(values: np.ndarray) -> float:
 # mmdet 2.x's ``proposal_nums``: COCOeval's maxDets there, so the recall rows read AR@100/300/1000
 COCO_MAX_DETS = (100, 300, 1000)
 COCO_IOU_TYPES = ("bbox", "segm")
-# the first six of COCOeval's stats, as mmdet names them (``bbox_mAP``, ..., and ``_copypaste``)
-COCO_AP_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 
 
 @dataclass(frozen=True)
 class CocoScores:
-    """COCOeval's 12 ``stats`` of one ``iou_type`` ("bbox" or "segm"; -1 where nothing was annotated)
-    and its ``summary``, the lines ``COCOeval.summarize()`` prints (what mmdet's logs show)."""
+    """COCOeval's 12 ``stats`` of one ``iou_type`` ("bbox" or "segm"; -1 where nothing was annotated):
+    AP, AP50, AP75, APs, APm, APl, then the recalls; and its ``summary``, the lines ``COCOeval.summarize()`` prints (what mmdet's logs show)."""
 
     iou_type: str
     stats: np.ndarray
     summary: str
-
-    @property
-    def ap(self) -> dict[str, float]:
-        """mAP, mAP_50, mAP_75, mAP_s, mAP_m, mAP_l, in [0, 1]."""
-        return {name: float(value) for name, value in zip(COCO_AP_NAMES, self.stats[:6])}
 
     @property
     def copypaste(self) -> str:
