@@ -266,3 +266,76 @@ def _fit(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: i
     while len(text) > 1 and font.getlength(text + "…") > width:
         text = text[:-1]
     return text.rstrip() + "…"
+
+
+# ---- detection: instances drawn over the image ----------------------------------------------------------------
+
+
+def detection_overlay(
+    image: Image.Image,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    names: Sequence[str],
+    caption: str = "",
+    alert: str = "",
+    opacity: float = 0.5,
+) -> Image.Image:
+    """``image`` with each detection drawn in a colour of its own: its mask tinted (mmdet's
+    ``opacity`` 0.5), its box outlined, and "class score" on a tag filled with that colour (black or
+    white text, whichever stands out more) at the box's top-left corner, so labels read on dark and
+    light photos alike. The lowest score is drawn first, so the best lie on top. A white band above
+    the image, ruled off from it, holds ``alert`` in red and ``caption`` in black."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)
+    width, height = image.size
+    if masks is not None:
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != (len(boxes), height, width):
+            raise ValueError(f"masks are {masks.shape}, expected ({len(boxes)}, {height}, {width}) for the {width}x{height} image")
+    if not len(boxes) == len(scores) == len(labels):
+        raise ValueError(f"got {len(boxes)} boxes, {len(scores)} scores and {len(labels)} labels")
+    colours = class_palette(len(boxes))
+    pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    order = np.argsort(scores, kind="stable")
+    for i in order if masks is not None else ():
+        pixels[masks[i]] = pixels[masks[i]] * (1 - opacity) + np.asarray(colours[i], np.float32) * opacity
+    drawn = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+
+    size = max(12, min(22, round(max(width, height) / 40)))
+    font, pad = _font(size), max(2, size // 5)
+    line_width = max(2, round(max(width, height) / 300))
+    draw = ImageDraw.Draw(drawn)
+    for i in order:
+        x1, y1, x2, y2 = boxes[i]
+        draw.rectangle((x1, y1, x2, y2), outline=colours[i], width=line_width)
+    for i in order:  # tags after every box, so no box crosses a tag
+        x1, y1 = boxes[i][:2]
+        text = f"{names[labels[i]]} {scores[i]:.2f}"
+        tag_w, tag_h = math.ceil(font.getlength(text)) + 2 * pad, size + 2 * pad
+        left = min(max(0.0, x1), max(0.0, width - tag_w))
+        top = y1 - tag_h if y1 - tag_h >= 0 else max(0.0, y1)  # above the box, or inside it at the image's top
+        draw.rectangle((left, top, left + tag_w, top + tag_h), fill=colours[i], outline=(0, 0, 0))
+        draw.text((left + pad, top + pad), text, fill=_contrasting(colours[i]), font=font)
+
+    band_size = max(12, min(20, round(width / 40)))
+    band_font, band_pad = _font(band_size), max(3, band_size // 3)
+    lines = [(text, _ALERT) for text in _wrap(alert, band_font, width - 2 * band_pad)]
+    lines += [(text, (0, 0, 0)) for text in _wrap(caption, band_font, width - 2 * band_pad)]
+    band = len(lines) * (band_size + band_pad) + band_pad + 1 if lines else 0
+    picture = Image.new("RGB", (width, height + band), "white")
+    picture.paste(drawn, (0, band))
+    draw = ImageDraw.Draw(picture)
+    if lines:  # a rule between band and photo, which may be white too
+        draw.line((0, band - 1, width, band - 1), fill=(128, 128, 128))
+    for k, (text, colour) in enumerate(lines):
+        draw.text((band_pad, band_pad + k * (band_size + band_pad)), text, fill=colour, font=band_font)
+    return picture
+
+
+def _contrasting(colour: Sequence[int]) -> tuple[int, int, int]:
+    """Black or white, whichever contrasts more with ``colour`` (WCAG's relative luminance)."""
+    linear = [(c / 255) / 12.92 if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in colour]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return (0, 0, 0) if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else (255, 255, 255)

@@ -1,11 +1,11 @@
 """The ``vitadapter`` command: list and describe models, picture the feature pyramid of an image (or a
-folder of them), segment images, measure a segmentor's mIoU, fine-tune a segmentor, convert
-upstream checkpoints into Hub folders and export models to ONNX.
+folder of them), segment images, measure a segmentor's mIoU, detect objects, measure a detector's
+COCO AP, fine-tune a segmentor, convert upstream checkpoints into Hub folders and export models to ONNX.
 
 One module per command, each with ``add_commands(subparsers)`` and the function its subcommand runs;
-what they share is in ``_common`` (options, checks, error text), ``_images``, ``_models`` and
-``_segmentors``. Only the commands that run models import torch, inside their functions: ``--help``,
-``list``, ``describe`` and usage errors answer at once, from ``catalog.json``. Every error is one
+what they share is in ``_common`` (options, checks, error text), ``_images``, ``_models``,
+``_segmentors`` and ``_detectors``. Only the commands that run models import torch, inside their
+functions: ``--help``, ``list``, ``describe`` and usage errors answer at once, from ``catalog.json``. Every error is one
 line on stderr; ``--debug`` (or ``VITADAPTER_DEBUG=1``) shows its traceback instead.
 """
 from __future__ import annotations
@@ -16,19 +16,19 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import convert, eval_seg, export_onnx, features, listing, push, segment, train_seg
+from . import convert, detect, eval_det, eval_seg, export_onnx, features, listing, push, segment, train_seg
 from ._common import DEBUG_ENV, add_debug, one_line
 
 # Errors whose message says all a user needs (a bad file, name, option, no network); other types
 # are bugs and say so.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
 # the order of `vitadapter --help`
-_COMMANDS = (listing, features, segment, eval_seg, convert, train_seg, push, export_onnx)
+_COMMANDS = (listing, features, segment, eval_seg, detect, eval_det, convert, train_seg, push, export_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subcommand per job."""
-    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids and segmentation on timm ViTs.")
+    parser = argparse.ArgumentParser(prog="vitadapter", description="ViT-Adapter feature pyramids, segmentation and detection on timm ViTs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

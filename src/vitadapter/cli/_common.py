@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 DEBUG_ENV = "VITADAPTER_DEBUG"
 DEFAULT_BACKBONE = "vit_adapter_t"
 DEFAULT_SEGMENTOR = "upernet_vit_adapter_t"
+DEFAULT_DETECTOR = "mask_rcnn_vit_adapter_t"
 # the largest --size: 16 x upstream's 512-px scale
 MAX_SIZE = 8192
 
@@ -85,14 +86,36 @@ def json_object(text: Optional[str], option: str) -> dict[str, Any]:
     return value
 
 
+def model_task(name: str) -> Optional[str]:
+    """What a registered ``name`` (or ``name.tag``) gives, from the catalog without torch: "segmentation"
+    (class logits), "detection" (boxes, classes, masks) or None (a backbone's feature pyramid)."""
+    return catalog.load()["architectures"][name.partition(".")[0]].get("task")
+
+
 def is_segmentor(name: str) -> bool:
-    """Whether a registered ``name`` (or ``name.tag``) gives class logits (from the catalog, without torch)."""
-    return "num_classes" in catalog.load()["architectures"][name.partition(".")[0]]
+    return model_task(name) == "segmentation"
+
+
+def is_detector(name: str) -> bool:
+    return model_task(name) == "detection"
+
+
+# kind -> (what it gives, the command that runs it, the models of that kind, an example)
+_KINDS = {
+    "backbone": ("a backbone (a feature pyramid, no classes)", "features", "the vit_adapter_* models", DEFAULT_BACKBONE),
+    "segmentor": ("a segmentor (it gives class labels per pixel)", "segment",
+                  "the upernet_* and mask2former_* models (`vitadapter list 'upernet*'`, `vitadapter list '*former*'`)",
+                  DEFAULT_SEGMENTOR),
+    "detector": ("a detector (it gives boxes, classes and masks)", "detect",
+                 "the mask_rcnn_* and cascade_mask_rcnn_* models (`vitadapter list '*rcnn*'`)", DEFAULT_DETECTOR),
+}
+_TASK_KIND = {None: "backbone", "segmentation": "segmentor", "detection": "detector"}
 
 
 def check_model_name(name: str, option: str, kind: Optional[str] = None) -> None:
     """Refuse an unknown architecture or tag from the catalog, or one of another ``kind`` ("backbone":
-    image -> pyramid, "segmentor": image -> class logits), before torch loads (seconds)."""
+    image -> pyramid, "segmentor": image -> class logits, "detector": image -> boxes, classes and
+    masks), before torch loads (seconds)."""
     if ":" in name:  # local-dir: and hf-hub: folders are read when the model is built
         return
     entries = catalog.load()
@@ -102,15 +125,12 @@ def check_model_name(name: str, option: str, kind: Optional[str] = None) -> None
     if tag and name not in entries["weights"]:
         tags = ", ".join(n.partition(".")[2] for n in entries["weights"] if n.startswith(f"{arch}."))
         raise UsageError(f"{option} {name}: {arch} has no tag {tag!r}; it has: {tags or 'none'}")
-    segmentor = is_segmentor(name)
-    if kind == "backbone" and segmentor:
-        raise UsageError(f"{option} {name} is a segmentor (it gives class labels, not a feature pyramid): "
-                         f"`vitadapter segment --model {name}` runs it; features takes a backbone such as {DEFAULT_BACKBONE}")
-    if kind == "segmentor" and not segmentor:
-        raise UsageError(f"{option} {name} is a backbone (a feature pyramid, no classes): `vitadapter features --model {name}` "
-                         f"pictures it; segmentors are the upernet_* and mask2former_* models (`vitadapter list '*former*'`, "
-                         f"`vitadapter list 'upernet*'`), "
-                         f"e.g. {DEFAULT_SEGMENTOR}")
+    found = _TASK_KIND[model_task(name)]
+    if kind is not None and found != kind:
+        what, command = _KINDS[found][:2]
+        wanted = _KINDS[kind]
+        raise UsageError(f"{option} {name} is {what}: `vitadapter {command} --model {name}` runs it; "
+                         f"{wanted[1]} takes {wanted[2]}, e.g. {wanted[3]}")
 
 
 def check_weights_file(path: str, option: str) -> None:

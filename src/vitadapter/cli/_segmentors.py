@@ -84,7 +84,12 @@ def segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back:
 
 
 def _check_segmentor(model: "torch.nn.Module", name: str) -> None:
-    """A ``local-dir:`` or ``hf-hub:`` name can hold any model: refuse one without classes."""
+    """A ``local-dir:`` or ``hf-hub:`` name can hold any model: refuse one without classes, or a
+    detector (it has classes too, but gives boxes)."""
+    from ..models.detector import Detector  # lazy: startup time
+
+    if isinstance(model, Detector):
+        raise UsageError(f"--model {name} is a detector (image -> boxes, classes, masks): `vitadapter detect` runs it")
     if not isinstance(getattr(model, "num_classes", None), int) or not hasattr(model, "class_names"):
         raise UsageError(f"--model {name} is not a segmentor (image -> class labels); `vitadapter features` takes backbones")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import catalog
-from ._common import UsageError, check_model_name, check_weights_file, json_object, positive_int, subcommand, torch_device
+from ._common import UsageError, check_model_name, check_weights_file, is_detector, is_segmentor, json_object, positive_int, subcommand, torch_device
 
 
 def add_commands(sub: Any) -> None:
@@ -92,6 +92,7 @@ def _check_segmentor_name(name: str) -> None:
         raise UsageError(f"--model {name}: train-seg takes a registered segmentor name (see `vitadapter list 'upernet*'`)")
     check_model_name(name, "--model")
     architectures = catalog.load()["architectures"]
-    if "num_classes" not in architectures[name.partition(".")[0]]:
-        segmentors = [a for a, entry in architectures.items() if "num_classes" in entry]
-        raise UsageError(f"--model {name} is a backbone; train-seg trains a segmentor: {', '.join(segmentors)}")
+    if not is_segmentor(name):
+        segmentors = [a for a in architectures if is_segmentor(a)]
+        kind = "a detector" if is_detector(name) else "a backbone"
+        raise UsageError(f"--model {name} is {kind}; train-seg trains a segmentor: {', '.join(segmentors)}")

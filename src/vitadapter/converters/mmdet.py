@@ -318,6 +318,15 @@ def detector_heads_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return heads
 
 
+def checkpoint_num_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
+    """The class count of a whole mmdet detector checkpoint, from its (first) box classifier, which
+    scores the classes and the background; None where it has none."""
+    for key in ("roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.0.fc_cls.weight"):
+        if key in state_dict and getattr(state_dict[key], "ndim", 0) == 2:
+            return int(state_dict[key].shape[0]) - 1
+    return None
+
+
 def normalisation(img_norm_cfg: Optional[Mapping[str, Any]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """mmdet's ``img_norm_cfg`` (0..255 units) -> (mean, std) in timm's 0..1 units."""
     if img_norm_cfg is None:
