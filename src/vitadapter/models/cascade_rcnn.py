@@ -26,15 +26,18 @@ _STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.06
 CASCADE_HEAD_WIDTHS = dict(HEAD_WIDTHS, box_conv_channels=256)
 
 
-def cascade_config(width: int, num_classes: int, box_conv_channels: int = 256, **widths: int) -> dict[str, Any]:
+def cascade_config(
+    width: int, num_classes: int, neck_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256,
+    box_conv_channels: int = 256,
+) -> dict[str, Any]:
     """Upstream's cascade ``model`` dict without its backbone (``CASCADE_HEAD_WIDTHS`` as given)."""
-    channels, fc_channels = widths.get("neck_channels", 256), widths.get("box_fc_channels", 1024)
     box_heads = [
-        _box_head(num_classes, stds, channels, fc_channels, type="ConvFCBBoxHead", num_shared_convs=4, num_shared_fcs=1,
+        _box_head(num_classes, stds, neck_channels, box_fc_channels, type="ConvFCBBoxHead", num_shared_convs=4, num_shared_fcs=1,
                   conv_out_channels=box_conv_channels, reg_decoded_bbox=True, norm_cfg=dict(type="SyncBN", requires_grad=True))
         for stds in _STAGE_STDS
     ]
-    base = mask_rcnn_config(width, num_classes, kind="CascadeRCNN", **widths)
+    base = mask_rcnn_config(width, num_classes, kind="CascadeRCNN", neck_channels=neck_channels,
+                            box_fc_channels=box_fc_channels, mask_channels=mask_channels)
     return dict(base, roi_head=dict(base["roi_head"], type="CascadeRoIHead", num_stages=3, bbox_head=box_heads))
 
 

@@ -91,7 +91,7 @@ def mask_rcnn_config(
     """Upstream's detection ``model`` dict without its backbone: mmdet's ``mask_rcnn_r50_fpn.py`` on a
     ``width``-channel pyramid (``HEAD_WIDTHS`` as given), ``roi_head`` entries replaced (the cascade
     configs replace them)."""
-    channels = neck_channels
+    channels = neck_channels  # every RoI feature and the RPN are as wide as the neck
     return dict(
         type=kind,
         neck=dict(type=neck, in_channels=[width] * 4, out_channels=channels, num_outs=5),
