@@ -145,7 +145,7 @@ def test_segmentors_that_would_not_come_back_are_refused(tmp_path):
     model.auxiliary_head = None  # changed after it was built: its arguments say it has one
     with pytest.raises(ValueError, match=r"no longer matches upernet_vit_adapter_t.*auxiliary_head\."):
         vitadapter.save_pretrained(model, tmp_path / "b")
-    with pytest.raises(TypeError, match="ViTAdapter or Segmentor, got Linear"):
+    with pytest.raises(TypeError, match="ViTAdapter, Segmentor or Detector, got Linear"):
         vitadapter.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "c")
     assert not any(tmp_path.iterdir())
 

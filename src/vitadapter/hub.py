@@ -5,7 +5,8 @@ A vitadapter folder (local, or a Hub model repo) holds ``config.json`` in timm's
 ``model.safetensors`` with vitadapter's own keys, so ``timm.create_model("hf-hub:...")`` reads it
 too. A backbone's folder names its architecture (or the generic ``vit_adapter``); a segmentor's
 names its registered segmentor, with the backbone's arguments, ``num_classes`` and the heads' own
-(``head_channels``, ``num_queries``, ...) as ``model_args`` and its class names as ``label_names``. This module sits above the models (it describes them); fetching files is ``weights.fetch``'s.
+(``head_channels``, ``num_queries``, ...) as ``model_args`` and its class names as ``label_names``;
+a detector's likewise (``neck_channels``, ``box_fc_channels``, ...), with its normalisation. This module sits above the models (it describes them); fetching files is ``weights.fetch``'s.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from timm.models._hub import _parse_model_cfg
 
 from . import _json
 from ._meta import meta_device
-from .models import FAMILY_MODULES, SEGMENTOR_MODULES
+from .models import DETECTOR_MODULES, FAMILY_MODULES, SEGMENTOR_MODULES
 from .models.config_checks import check_config_json
+from .models.detector import Detector
 from .models.segmentor import Segmentor
 from .models.vit_adapter import ViTAdapter, closest_architecture
 from .weights.download import bounded_hub_calls, download_limits
@@ -55,12 +57,13 @@ _PREPROCESSING_KEYS = (
 
 
 def save_pretrained(
-    model: Union[ViTAdapter, Segmentor], folder: PathLike, pretrained_cfg: Optional[Mapping[str, Any]] = None
+    model: Union[ViTAdapter, Segmentor, Detector], folder: PathLike, pretrained_cfg: Optional[Mapping[str, Any]] = None
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for ``model`` into ``folder`` (created if needed).
 
-    ``model``: a backbone, or a segmentor built from the registry (``create_model("upernet_...")``,
-    trained or not; one assembled otherwise is refused, see ``segmentor_config``).
+    ``model``: a backbone, or a segmentor or detector built from the registry
+    (``create_model("upernet_...")``, ``create_model("mask_rcnn_...")``, trained or not; one assembled
+    otherwise is refused, see ``segmentor_config``).
     ``pretrained_cfg`` entries (e.g. ``mean``/``std``) override the model's own. Each file is written
     under a staging name and renamed (``vitadapter.weights.staging``), so an interrupted save leaves no
     half-written file, and both get the usual umask-respecting mode. Both files carry the id of
@@ -69,10 +72,12 @@ def save_pretrained(
     """
     if isinstance(model, Segmentor):
         config = segmentor_config(model, pretrained_cfg)
+    elif isinstance(model, Detector):
+        config = detector_config(model, pretrained_cfg)
     elif isinstance(model, ViTAdapter):
         config = model_config(model, pretrained_cfg)
     else:
-        raise TypeError(f"save_pretrained expects a vitadapter ViTAdapter or Segmentor, got {type(model).__name__}")
+        raise TypeError(f"save_pretrained expects a vitadapter ViTAdapter, Segmentor or Detector, got {type(model).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors stores contiguous buffers only, and the model keeps its conv weights channels-last
@@ -132,39 +137,58 @@ def segmentor_config(segmentor: Segmentor, pretrained_cfg: Optional[Mapping[str,
     has no architecture to name, and one whose modules were replaced after it was built would not
     come back from its arguments: both are refused (``ValueError``), naming what differs.
     """
-    own = getattr(segmentor, "pretrained_cfg", None) or {}
-    architecture, model_args = own.get("architecture"), segmentor.model_args
+    return _task_config(segmentor, pretrained_cfg, "segmentor", "create_model('upernet_...'), create_model('mask2former_...')",
+                        "load_upstream_segmentor", "load_segmentor_checkpoint")
+
+
+def detector_config(detector: Detector, pretrained_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The ``config.json`` content for a registered detector: its architecture, the arguments it was
+    built with (``detector.model_args``: the backbone's, ``num_classes`` and the heads' widths), its
+    class names and the normalisation it runs with. Refused as ``segmentor_config`` refuses."""
+    # the normalisation the detector runs with, which may have been set after it was built
+    own = dict(mean=list(detector.mean), std=list(detector.std), **(pretrained_cfg or {}))
+    return _task_config(detector, own, "detector", "create_model('mask_rcnn_...'), create_model('cascade_mask_rcnn_...')",
+                        "load_upstream_detector", "load_detector_checkpoint")
+
+
+def _task_config(
+    model: Union[Segmentor, Detector], pretrained_cfg: Optional[Mapping[str, Any]], kind: str, registry: str, assembler: str,
+    loader: str,
+) -> dict[str, Any]:
+    """A registered task model's ``config.json`` content (``kind``: "segmentor" or "detector", built
+    through ``registry``, assembled otherwise by ``assembler``, loaded into by ``loader``)."""
+    own = getattr(model, "pretrained_cfg", None) or {}
+    architecture, model_args = own.get("architecture"), model.model_args
     if not architecture or model_args is None:
         raise ValueError(
-            "save_pretrained writes segmentors built from the registry (create_model('upernet_...'), "
-            "create_model('mask2former_...')); this one was assembled otherwise (e.g. by load_upstream_segmentor), "
-            "so no registered architecture rebuilds it. Build the architecture it matches and load its checkpoint: "
-            "load_segmentor_checkpoint(create_model(NAME, num_classes=..., ...), checkpoint), "
+            f"save_pretrained writes {kind}s built from the registry ({registry}); this one was assembled otherwise "
+            f"(e.g. by {assembler}), so no registered architecture rebuilds it. Build the architecture it matches and "
+            f"load its checkpoint: {loader}(create_model(NAME, num_classes=..., ...), checkpoint), "
             "or `vitadapter convert CHECKPOINT DST --arch NAME`"
         )
-    _check_rebuilds(segmentor, architecture, model_args)
-    cfg = dict(own, num_classes=segmentor.num_classes)
+    _check_rebuilds(model, kind, architecture, model_args)
+    cfg = dict(own, num_classes=model.num_classes)
     cfg.pop("label_descriptions", None)  # they describe the tag's classes, which may no longer be these
-    cfg["label_names"] = list(segmentor.class_names) if segmentor.class_names is not None else None
+    cfg["label_names"] = list(model.class_names) if model.class_names is not None else None
     return {
         "architecture": architecture,
-        "num_classes": segmentor.num_classes,
+        "num_classes": model.num_classes,
         "model_args": model_args,
         "pretrained_cfg": _saved_cfg(cfg, pretrained_cfg),
     }
 
 
-def _check_rebuilds(segmentor: Segmentor, architecture: str, model_args: Mapping[str, Any]) -> None:
+def _check_rebuilds(model: torch.nn.Module, kind: str, architecture: str, model_args: Mapping[str, Any]) -> None:
     """Build ``architecture`` from ``model_args`` without memory (meta tensors) and compare its state
-    dict, key by key and shape by shape, with ``segmentor``'s."""
+    dict, key by key and shape by shape, with ``model``'s."""
     with torch.device("meta"):
         rebuilt = timm.create_model(architecture, **model_args).state_dict()
-    own = segmentor.state_dict()
+    own = model.state_dict()
     differ = sorted(set(own) ^ set(rebuilt)) or [k for k in own if own[k].shape != rebuilt[k].shape]
     if differ:
         shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
         raise ValueError(
-            f"this segmentor no longer matches {architecture} built with its model_args (its modules were "
+            f"this {kind} no longer matches {architecture} built with its model_args (its modules were "
             f"changed after it was built): {shown} differ, so a saved folder would not load back"
         )
 
@@ -207,9 +231,16 @@ def check_config(config: Mapping[str, Any], label: str) -> str:
     known = sorted({n for module in FAMILY_MODULES for n in timm.list_models(module=module)})
     if not isinstance(architecture, str) or architecture not in known:
         raise ValueError(f"{label} describes a {architecture!r} model, not a vitadapter architecture ({', '.join(known)})")
-    segmentor = architecture in {n for module in SEGMENTOR_MODULES for n in timm.list_models(module=module)}
-    check_config_json(config, label, segmentor=segmentor)
+    check_config_json(config, label, task=architecture_task(architecture))
     return architecture
+
+
+def architecture_task(architecture: str) -> Optional[str]:
+    """"segmentation" or "detection" for a registered task model's architecture, None for a backbone."""
+    for task, modules in (("segmentation", SEGMENTOR_MODULES), ("detection", DETECTOR_MODULES)):
+        if architecture in {n for module in modules for n in timm.list_models(module=module)}:
+            return task
+    return None
 
 
 def create_from_config(
@@ -237,7 +268,7 @@ def _parse_json(data: bytes, path: Path) -> dict[str, Any]:
 
 
 def push_to_hub(
-    model_or_folder: Union[ViTAdapter, Segmentor, PathLike],
+    model_or_folder: Union[ViTAdapter, Segmentor, Detector, PathLike],
     repo_id: str,
     *,
     private: Optional[bool] = None,

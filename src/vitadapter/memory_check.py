@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from ._meta import meta_device
+from .models import Detector
 from .models.config_checks import MAX_PARAMETERS
+from .predict import padded_detection_size
 
 ALLOW_ENV = "VITADAPTER_ALLOW_LARGE_MODELS"
 # live activations at once, in units of the largest one (a block's input, output and residual)
 _LIVE_ACTIVATIONS = 4
-# above the zoo's largest: BEiT-L adapters (1.3 GB of weights) at 896 x 896
+# above the zoo's largest: BEiT-L adapters (1.3 GB of weights) at 896 x 896, detectors at 800 x 1344
 _KNOWN_WEIGHTS = 2 << 30
-_KNOWN_PIXELS = 1024 * 1024
+_KNOWN_PIXELS = 1344 * 800
 
 
 def check_model_memory(source: str, config: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
@@ -43,7 +45,7 @@ def check_model_memory(source: str, config: Mapping[str, Any], kwargs: Mapping[s
     if parameters > MAX_PARAMETERS:
         raise ValueError(f"{source} describes a model of {parameters / 1e9:.2f} B parameters, over vitadapter's "
                          f"ceiling of {MAX_PARAMETERS / 1e9:g} B for models from files; {override}")
-    size = tuple(config.get("pretrained_cfg", {}).get("input_size") or model.pretrained_cfg.get("input_size") or (3, 512, 512))
+    size = input_size(model, config)
     # the zoo's models are known to run at their input sizes: the fake forward (about a second) is
     # for heavier weights or larger inputs
     if weights <= _KNOWN_WEIGHTS and size[-1] * size[-2] <= _KNOWN_PIXELS:
@@ -58,9 +60,20 @@ def check_model_memory(source: str, config: Mapping[str, Any], kwargs: Mapping[s
         )
 
 
+def input_size(model: nn.Module, config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The (C, H, W) of the largest image ``model`` runs on: a detector resizes every image to fit its
+    test scale (padded to 32), whatever its config says; other models run at their input size."""
+    if isinstance(model, Detector):
+        scale = model.test_scale
+        return (3, *padded_detection_size(min(scale), max(scale), scale))
+    return tuple(config.get("pretrained_cfg", {}).get("input_size") or model.pretrained_cfg.get("input_size") or (3, 512, 512))
+
+
 def largest_activation(model: nn.Module, input_size: tuple[int, ...]) -> int:
     """Bytes of the largest tensor a module of ``model`` (built on the meta device) returns for one
-    image of ``input_size`` (C, H, W), found on fake tensors."""
+    image of ``input_size`` (C, H, W), found on fake tensors. A detector runs its dense part
+    (backbone, neck, RPN maps; its RoI heads see at most 1000 proposals of 7 x 7 or 14 x 14): the
+    proposals' count depends on the values, which fake tensors do not have."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     largest = 0
@@ -76,7 +89,8 @@ def largest_activation(model: nn.Module, input_size: tuple[int, ...]) -> int:
         # no_grad, not inference_mode: trunks key caches on buffers' version counters, which inference
         # tensors lack
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            model.to_empty(device="cpu").requires_grad_(False).eval()(torch.empty(1, *input_size))
+            model = model.to_empty(device="cpu").requires_grad_(False).eval()
+            (model.dense_forward if isinstance(model, Detector) else model)(torch.empty(1, *input_size))
     finally:
         handle.remove()
     return largest

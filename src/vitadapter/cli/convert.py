@@ -1,4 +1,4 @@
-"""``vitadapter convert``: turn an upstream checkpoint (a backbone, or a whole segmentor) into a new folder
+"""``vitadapter convert``: turn an upstream checkpoint (a backbone, a whole segmentor or detector) into a new folder
 of config.json + model.safetensors that ``create_model('local-dir:...')`` loads."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .. import _json
+from .. import _json, catalog
 from ..weights.staging import staging_folder
-from ._common import UsageError, check_model_name, check_weights_file, is_segmentor, json_object, subcommand
+from ._common import UsageError, check_model_name, check_weights_file, json_object, subcommand
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +24,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("dst", help="folder to create; load it with create_model('local-dir:DST', pretrained=True)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--arch", help="registered architecture (or arch.tag) the checkpoint belongs to: a backbone "
-                                      "(task heads dropped) or a segmentor (upernet_*, mask2former_*: the whole model)")
+                                      "(task heads dropped), a segmentor (upernet_*, mask2former_*) or a detector "
+                                      "(mask_rcnn_*, cascade_mask_rcnn_*: the whole model)")
     which.add_argument(
         "--upstream-config",
         metavar="FILE",
@@ -32,7 +33,7 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--model-kwargs", metavar="JSON",
                    help='with --arch: other create_model arguments, e.g. \'{"head_channels": 256}\' (a segmentor\'s '
-                        'class count comes from the checkpoint)')
+                        'or detector\'s class count comes from the checkpoint)')
     p.set_defaults(run=convert)
 
 
@@ -46,7 +47,10 @@ def convert(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists():
         raise _exists(dst)
-    if args.arch and is_segmentor(args.arch):
+    task = _task(args.arch) if args.arch else None
+    if task == "detection":
+        return _convert_detector(args.src, args.arch, model_kwargs, dst)
+    if task == "segmentation":
         return _convert_segmentor(args.src, args.arch, model_kwargs, dst)
     from ..weights.read import read_weights  # lazy: startup time
     from ..models.checkpoints import load_checkpoint
@@ -82,6 +86,33 @@ def _convert_segmentor(src: str, arch: str, model_kwargs: dict[str, Any], dst: P
     _save_new_folder(model, dst, None)
     _print_summary(model, Conversion(model.state_dict(), dropped, []), dst)
     return 0
+
+
+def _convert_detector(src: str, arch: str, model_kwargs: dict[str, Any], dst: Path) -> int:
+    """A whole detection checkpoint (backbone.*, neck.*, rpn_head.*, roi_head.*) into the folder of
+    registered detector ``arch``, built for the checkpoint's class count and loaded strictly."""
+    from .. import create_model  # lazy: startup time
+    from ..converters import mmdet
+    from ..converters.backbone import Conversion
+    from ..models.checkpoints import load_detector_checkpoint
+    from ..weights.read import as_dict, read_weights, unwrap
+
+    _step(1, f"reading {src}")
+    checkpoint = read_weights(src)
+    classes = mmdet.checkpoint_num_classes(unwrap(as_dict(checkpoint, src), split_backbone=False)[0])
+    model = create_model(arch, **dict({} if classes is None else {"num_classes": classes}, **model_kwargs))
+    _step(2, "converting keys")
+    dropped = load_detector_checkpoint(model, checkpoint)
+    _step(3, f"writing {dst}")
+    _save_new_folder(model, dst, None)
+    _print_summary(model, Conversion(model.state_dict(), dropped, []), dst)
+    return 0
+
+
+def _task(arch: str) -> Optional[str]:
+    """"detection" or "segmentation" for a registered task model (from the catalog, without torch),
+    None for a backbone."""
+    return catalog.load()["architectures"][arch.partition(".")[0]].get("task")
 
 
 def _step(n: int, what: str) -> None:

@@ -362,6 +362,16 @@ def describe_checkpoint(state: Mapping[str, Any], backbone: bool, heads: bool) -
     return f"it has no backbone.*, neck.*, rpn_head.* or roi_head.* entries (a backbone's own weights? first keys: {shown}); {needs}"
 
 
+def checkpoint_num_classes(state: Mapping[str, Any]) -> Optional[int]:
+    """The class count of a whole detection checkpoint's (first) box classifier, whose outputs are the
+    classes and the background; None where it has none: build the detector for it before loading."""
+    for key in ("roi_head.bbox_head.fc_cls.weight", "roi_head.bbox_head.0.fc_cls.weight"):
+        classifier = state.get(key)
+        if getattr(classifier, "ndim", 0) >= 1:
+            return int(classifier.shape[0]) - 1
+    return None
+
+
 def layout(stages: int, htc: bool = False) -> str:
     """A detector layout in words: HTC, an n-stage cascade or a single RoI stage."""
     if htc:

@@ -57,6 +57,9 @@ def load_segmentor_checkpoint(segmentor: nn.Module, checkpoint: Checkpoint, keep
     if not backbone_state:
         shown = ", ".join(list(state)[:5]) or "none"
         raise ValueError(f"not a segmentation checkpoint: no backbone.* keys (first keys: {shown})")
+    if not any(k.startswith(HEAD_PREFIXES) for k in state) and any(k.startswith(mmdet.HEAD_PREFIXES) for k in state):
+        raise ValueError("not a segmentation checkpoint: it is a whole detector's (neck.*, rpn_head.*, roi_head.*, no "
+                         "decode_head.*): load it with a detector (mask_rcnn_*, cascade_mask_rcnn_*)")
     converted = convert_checkpoint(backbone_state, segmentor.backbone)
     full = {f"backbone.{k}": v for k, v in converted.state.items()}
     dropped = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .vit_adapter import UPSTREAM_VIT_DEFAULTS, ViTAdapter
 
@@ -52,15 +52,25 @@ _BOOLS = (
     "freeze_trunk", "pretrained_trunk", "use_abs_pos_emb", "use_rel_pos_bias", "use_shared_rel_pos_bias",
 )
 _CHOICES = {"vit_feature_source": ("interactions", "final")}
-# a registered segmentor's own arguments, beside its backbone's (its heads' sizes)
+# a registered task model's own arguments, beside its backbone's (its heads' sizes), by task
 MAX_CLASSES = 65536
 _HEAD_INTS = {
-    "num_classes": (1, MAX_CLASSES),
-    "num_queries": (1, 4096),
-    "head_channels": (1, MAX_WIDTH),
-    "aux_channels": (1, MAX_WIDTH),
+    "segmentation": {
+        "num_classes": (1, MAX_CLASSES),
+        "num_queries": (1, 4096),
+        "head_channels": (1, MAX_WIDTH),
+        "aux_channels": (1, MAX_WIDTH),
+    },
+    "detection": {
+        "num_classes": (1, MAX_CLASSES),
+        "neck_channels": (1, MAX_WIDTH),
+        "box_fc_channels": (1, MAX_WIDTH),
+        "box_conv_channels": (1, MAX_WIDTH),
+        "mask_channels": (1, MAX_WIDTH),
+    },
 }
-_HEAD_BOOLS = ("auxiliary_head",)
+_HEAD_BOOLS = {"segmentation": ("auxiliary_head",), "detection": ()}
+TASKS = tuple(_HEAD_INTS)
 
 
 def check_fields(values: Mapping[str, Any], source: str, prefix: str = "") -> None:
@@ -166,16 +176,18 @@ def check_pretrained_cfg(cfg: Any, source: str, channels: int = 3, prefix: str =
         _fail(source, prefix + "input_size", f"must be [channels, height, width], got {size!r}")
 
 
-def check_config_json(config: Mapping[str, Any], source: str, segmentor: bool = False) -> None:
+def check_config_json(config: Mapping[str, Any], source: str, task: Optional[str] = None) -> None:
     """A vitadapter ``config.json``'s ``model_args`` and ``pretrained_cfg``. Its weights come from its
-    folder: a ``pretrained_trunk`` that would download others is refused. A ``segmentor``'s
-    ``model_args`` also hold its heads' arguments (``num_classes`` required), and its
-    ``label_names``, when given, one name per class."""
+    folder: a ``pretrained_trunk`` that would download others is refused. A task model's (``task``
+    "segmentation" or "detection"; None for a backbone) ``model_args`` also hold its heads'
+    arguments (``num_classes`` required), and its ``label_names``, when given, one name per class."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be None or one of {', '.join(TASKS)}, got {task!r}")
     model_args = config.get("model_args", {})
-    if segmentor and isinstance(model_args, Mapping):
+    if task is not None and isinstance(model_args, Mapping):
         model_args = dict(model_args)
-        heads = {k: model_args.pop(k) for k in [*_HEAD_INTS, *_HEAD_BOOLS] if k in model_args}
-        _check_head_args(heads, source)
+        heads = {k: model_args.pop(k) for k in [*_HEAD_INTS[task], *_HEAD_BOOLS[task]] if k in model_args}
+        _check_head_args(heads, source, task)
         _check_label_names(config.get("pretrained_cfg"), heads["num_classes"], source)
     check_model_args(model_args, source, prefix="model_args.")
     if model_args.get("pretrained_trunk"):
@@ -183,15 +195,16 @@ def check_config_json(config: Mapping[str, Any], source: str, segmentor: bool = 
     check_pretrained_cfg(config.get("pretrained_cfg", {}), source, input_channels(model_args))
 
 
-def _check_head_args(heads: Mapping[str, Any], source: str) -> None:
+def _check_head_args(heads: Mapping[str, Any], source: str, task: str) -> None:
     if "num_classes" not in heads:
-        _fail(source, "model_args.num_classes", "is missing: a segmentor's config.json gives its class count")
+        model = "segmentor" if task == "segmentation" else "detector"
+        _fail(source, "model_args.num_classes", f"is missing: a {model}'s config.json gives its class count")
     for field, value in heads.items():
-        if field in _HEAD_BOOLS:
+        if field in _HEAD_BOOLS[task]:
             if not isinstance(value, bool):
                 _fail(source, "model_args." + field, f"must be true or false, got {value!r}")
             continue
-        low, high = _HEAD_INTS[field]
+        low, high = _HEAD_INTS[task][field]
         # num_queries may be null: the architecture's own count
         if not (value is None and field == "num_queries") and not (_is_int(value) and low <= value <= high):
             _fail(source, "model_args." + field, f"must be an integer from {low} to {high}, got {value!r}")

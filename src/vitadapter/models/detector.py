@@ -143,15 +143,19 @@ def coco_release(backbone_tag: str, **kwargs: Any) -> dict[str, Any]:
 HeadsConfig = Callable[[int, int], Mapping[str, Any]]
 
 
-def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig) -> Detector:
+def create_detector(
+    variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig, head_args: dict[str, Any]
+) -> Detector:
     """A registered detector: the ``backbone`` architecture and the heads of upstream's mmdet config
     ``heads`` gives for its width and class count, at upstream's COCO test scale.
 
     ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
     ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
-    fine-tuning on other classes). ``pretrained_backbone=True`` starts the backbone from its
-    default tag instead (the ImageNet trunk upstream trains from). Other keyword arguments go to
-    the backbone.
+    fine-tuning on other classes). A ``save_pretrained`` folder (``local-dir:`` / ``hf-hub:``) loads
+    strictly: every key of the file and of the model must match, unless another ``num_classes`` is
+    asked for. ``pretrained_backbone=True`` starts the backbone from its default tag instead (the
+    ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
+    ``head_args``: the architecture's own arguments (the heads' widths), recorded in ``model_args``.
     """
     if kwargs.pop("features_only", False):
         raise ValueError(
@@ -171,12 +175,18 @@ def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[
         heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
         names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
         detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std)
-        detector.model_args = dict({k: v for k, v in net.model_args.items() if k != "num_classes"}, num_classes=num_classes)
+        # the backbone's own arguments (every one, so that its registered defaults may change) rebuild it
+        backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
+        detector.model_args = dict(backbone_args, num_classes=num_classes, **head_args)
         if pretrained:
-            checkpoint = cfg.state_dict
+            checkpoint, source = cfg.state_dict, "the given state_dict"
             if checkpoint is None:
-                checkpoint = read_weights(fetch_weights(cfg.to_dict(), cache_dir, timeout))
-            load_detector_checkpoint(detector, checkpoint, keep_classifier=num_classes == cfg.num_classes)
+                source = fetch_weights(cfg.to_dict(), cache_dir, timeout)
+                checkpoint = read_weights(source)
+            same_classes = num_classes == cfg.num_classes
+            dropped = load_detector_checkpoint(detector, checkpoint, keep_classifier=same_classes)
+            if dropped and same_classes and cfg.source in ("local-dir", "hf-hub"):
+                raise ValueError(f"{source} holds keys this {variant} does not have: {', '.join(dropped[:10])}")
         return detector
 
     return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)

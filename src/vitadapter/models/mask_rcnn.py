@@ -7,7 +7,8 @@ upstream Mask R-CNN config inherits them (FPN 256 wide, 2-fc box head 1024 wide,
 the no-FPN release replaces the FPN by upstream's ``ChannelMapperWithPooling``. Without weights the
 architectures take ``num_classes=`` for fine-tuning (with ``pretrained=True`` everything but the
 class-specific layers loads); ``pretrained_backbone=True`` starts the backbone from its ImageNet
-trunk. Other keyword arguments go to the backbone (``drop_path_rate``, ...).
+trunk. ``neck_channels``, ``box_fc_channels`` and ``mask_channels`` set the heads' widths (mmdet's
+256, 1024 and 256 by default). Other keyword arguments go to the backbone (``drop_path_rate``, ...).
 """
 from __future__ import annotations
 
@@ -58,33 +59,53 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _box_head(num_classes: int, stds: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2), **layout: Any) -> dict[str, Any]:
-    """mmdet's box head with class-specific regression (``Shared2FCBBoxHead`` unless ``layout`` says)."""
-    return dict(type=layout.pop("type", "Shared2FCBBoxHead"), in_channels=256, fc_out_channels=1024, roi_feat_size=7, num_classes=num_classes,
-                bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=list(stds)),
+# the heads' widths (mmdet's mask_rcnn_r50_fpn): the neck's and every RoI feature's channels, the box
+# head's fc layers, the mask head's convs. Narrower ones make small detectors for tests and experiments.
+HEAD_WIDTHS = dict(neck_channels=256, box_fc_channels=1024, mask_channels=256)
+
+
+def head_widths(kwargs: dict[str, Any], defaults: dict[str, int]) -> dict[str, int]:
+    """The head widths ``defaults`` names, taken out of an entrypoint's ``kwargs`` (the rest go to the
+    backbone)."""
+    return {name: kwargs.pop(name, default) for name, default in defaults.items()}
+
+
+def _box_head(num_classes: int, stds: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2), channels: int = 256, fc_channels: int = 1024,
+              **layout: Any) -> dict[str, Any]:
+    """mmdet's box head with class-specific regression (``Shared2FCBBoxHead`` unless ``layout`` says)
+    on ``channels``-wide RoI features."""
+    return dict(type=layout.pop("type", "Shared2FCBBoxHead"), in_channels=channels, fc_out_channels=fc_channels, roi_feat_size=7,
+                num_classes=num_classes, bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=list(stds)),
                 reg_class_agnostic=False, **layout)
 
 
-def _extractor(size: int) -> dict[str, Any]:
+def _extractor(size: int, channels: int) -> dict[str, Any]:
     return dict(type="SingleRoIExtractor", roi_layer=dict(type="RoIAlign", output_size=size, sampling_ratio=0),
-                out_channels=256, featmap_strides=[4, 8, 16, 32])
+                out_channels=channels, featmap_strides=[4, 8, 16, 32])
 
 
-def mask_rcnn_config(width: int, num_classes: int, neck: str = "FPN", kind: str = "MaskRCNN", **roi_head: Any) -> dict[str, Any]:
+def mask_rcnn_config(
+    width: int, num_classes: int, neck: str = "FPN", kind: str = "MaskRCNN", neck_channels: int = 256,
+    box_fc_channels: int = 1024, mask_channels: int = 256, **roi_head: Any,
+) -> dict[str, Any]:
     """Upstream's detection ``model`` dict without its backbone: mmdet's ``mask_rcnn_r50_fpn.py`` on a
-    ``width``-channel pyramid, ``roi_head`` entries replaced (the cascade configs replace them)."""
+    ``width``-channel pyramid (``HEAD_WIDTHS`` as given), ``roi_head`` entries replaced (the cascade
+    configs replace them)."""
+    channels = neck_channels  # every RoI feature and the RPN are as wide as the neck
     return dict(
         type=kind,
-        neck=dict(type=neck, in_channels=[width] * 4, out_channels=256, num_outs=5),
+        neck=dict(type=neck, in_channels=[width] * 4, out_channels=channels, num_outs=5),
         rpn_head=dict(
-            type="RPNHead", in_channels=256, feat_channels=256,
+            type="RPNHead", in_channels=channels, feat_channels=channels,
             anchor_generator=dict(type="AnchorGenerator", scales=[8], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64]),
             bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
         ),
         roi_head=dict(
-            dict(type="StandardRoIHead", bbox_roi_extractor=_extractor(7), bbox_head=_box_head(num_classes),
-                 mask_roi_extractor=_extractor(14),
-                 mask_head=dict(type="FCNMaskHead", num_convs=4, in_channels=256, conv_out_channels=256, num_classes=num_classes)),
+            dict(type="StandardRoIHead", bbox_roi_extractor=_extractor(7, channels),
+                 bbox_head=_box_head(num_classes, channels=channels, fc_channels=box_fc_channels),
+                 mask_roi_extractor=_extractor(14, channels),
+                 mask_head=dict(type="FCNMaskHead", num_convs=4, in_channels=channels, conv_out_channels=mask_channels,
+                                num_classes=num_classes)),
             **roi_head,
         ),
         test_cfg=dict(
@@ -95,7 +116,8 @@ def mask_rcnn_config(width: int, num_classes: int, neck: str = "FPN", kind: str 
 
 
 def _create(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], neck: str = "FPN") -> Detector:
-    return create_detector(variant, backbone, pretrained, kwargs, lambda width, classes: mask_rcnn_config(width, classes, neck))
+    widths = head_widths(kwargs, HEAD_WIDTHS)
+    return create_detector(variant, backbone, pretrained, kwargs, lambda width, classes: mask_rcnn_config(width, classes, neck, **widths), widths)
 
 
 @register_model
