@@ -32,32 +32,38 @@ import triton
 import triton.language as tl
 
 # Launch configurations. A program holds (BLOCK_Q, BLOCK_D) float32 tiles: the forward four corner
-# rows and an accumulator, the backward grad_output, four corners and their products besides. The
-# largest tile elements per thread that stay in registers in every variant the op launches on sm_80
-# and sm_90 (tests/test_msda_sass.py checks): 16 for the forward, 4 for the backward (at 8 some
-# backward variants spill). Configs are listed largest tile first; on a GPU autotune times the two
-# largest that fit, per key; in Triton's interpreter and without a GPU there is nothing to time and
-# the first that fits is taken.
+# rows and an accumulator, the backward grad_output, four corners and their products besides. Each
+# thread's share of a tile is fixed per kernel: 16 elements in the forward, 4 in the backward. More
+# and some variant spills registers on sm_80 or sm_90; fewer and a float32 value row is gathered in
+# pieces narrower than 128 bits, or ptxas, left to pick the forward's register count, keeps it low
+# and spills an index across the levels loop (tests/test_msda_sass.py checks both). The backward
+# runs with ``maxnreg`` 255: left alone, ptxas stops it at 128 registers and spills a few values.
+# Two configs meet that share at every head dim up to 128 (one tile, four or eight warps); on a GPU
+# autotune times both, per key; in Triton's interpreter and without a GPU there is nothing to time
+# and the first is taken.
 _ELEMENTS_PER_THREAD = {"forward": 16, "backward": 4}
-_CONFIGS = {
-    "forward": [triton.Config({"BLOCK_Q": q}, num_warps=w) for q, w in ((64, 4), (32, 4), (16, 4))],
-    "backward": [triton.Config({"BLOCK_Q": q}, num_warps=w) for q, w in ((32, 8), (16, 4), (16, 8), (16, 16))],
+_SHAPES = {  # (BLOCK_Q, num_warps)
+    "forward": ((256, 8), (128, 8), (128, 4), (64, 8), (64, 4), (32, 8), (32, 4), (16, 4)),
+    "backward": ((64, 8), (32, 8), (32, 4), (16, 8), (16, 4), (8, 8), (8, 4)),
 }
+_REGISTER_LIMIT = {"forward": None, "backward": 255}
 # autotune adds the tensors' dtypes to the key
 _TUNE_KEY = ["head_dim", "num_levels", "POINTS", "FUSED", "query_bucket"]
 
 
 def _tuning(kernel: str) -> dict:
-    """Autotune arguments for ``kernel``: its configs, pruned to those that fit the head dim."""
+    """Autotune arguments for ``kernel``: its configs, pruned to those of the right share per thread
+    at the launch's head dim (beyond head dim 128 or so, the smallest tile)."""
 
     def prune(configs, named_args, **kwargs):
-        budget = _ELEMENTS_PER_THREAD[kernel] * 32
-        fitting = [c for c in configs if c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] <= budget * c.num_warps]
+        fitting = [c for c in configs
+                   if c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == _ELEMENTS_PER_THREAD[kernel] * 32 * c.num_warps]
         fitting = fitting or configs[-1:]
         on_gpu = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         return fitting[:2] if on_gpu else fitting[:1]
 
-    return dict(configs=_CONFIGS[kernel], key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=_REGISTER_LIMIT[kernel]) for q, w in _SHAPES[kernel]]
+    return dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -91,7 +97,7 @@ def _point_mask(q_mask, POINTS: tl.constexpr, P_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height, width, m, s,
+def _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height, width, top, inv_total,
                   POINTS: tl.constexpr, P_BLOCK: tl.constexpr, FUSED: tl.constexpr, COMPUTE: tl.constexpr):
     """One level's points of every query as (BLOCK_Q, P_BLOCK) tiles: pixel x and y (centres on integers)
     and attention weight, each read with one tile load per level instead of one load per point.
@@ -112,7 +118,7 @@ def _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_level
         x = ref_x[:, None] * w_f - 0.5 + x
         y = ref_y[:, None] * h_f - 0.5 + y
         logits = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(COMPUTE)
-        a = tl.exp(logits - m[:, None]) / s[:, None]
+        a = tl.exp(logits - top[:, None]) * inv_total[:, None]
     else:
         x = x * w_f - 0.5
         y = y * h_f - 0.5
@@ -131,8 +137,11 @@ def _column(tile, p: tl.constexpr, P_BLOCK: tl.constexpr):
 @triton.jit
 def _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS: tl.constexpr, P_BLOCK: tl.constexpr,
                    COMPUTE: tl.constexpr):
-    """Per query, the largest logit over all levels and points and the sum of exp(logit - largest),
-    one level's tile at a time (the softmax's weights are then exp(logit - largest) / sum)."""
+    """Per query, the largest logit over all levels and points and the reciprocal of the sum of
+    exp(logit - largest), one level's tile at a time (the softmax's weights are then
+    exp(logit - largest) x reciprocal). The reciprocal is taken once, in float32 without IEEE
+    rounding (within 2 ulp): a correctly rounded division is a subroutine call on NVIDIA GPUs, whose
+    saved registers go to the stack."""
     cols = tl.arange(0, P_BLOCK)
     mask = _point_mask(q_mask, POINTS, P_BLOCK)
     top = tl.where(q_mask, -float("inf"), 0.0).to(COMPUTE)
@@ -143,7 +152,11 @@ def _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS: tl.constexpr, P_BL
         new_top = tl.where(q_mask, tl.maximum(top, tl.max(logits, axis=1)), 0.0)
         total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logits - new_top[:, None]), axis=1)
         top = new_top
-    return top, tl.where(q_mask, total, 1.0)
+    total = tl.where(q_mask, total, 1.0)
+    if COMPUTE == tl.float32:
+        return top, tl.fdiv(1.0, total, ieee_rounding=False)
+    else:  # float64, for gradcheck: exact
+        return top, 1.0 / total
 
 
 @triton.jit
@@ -175,13 +188,13 @@ def _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS: tl.cons
     if FUSED:
         ref = tl.load(ref_ptr + 2 * q[:, None] + tl.arange(0, 2)[None, :], mask=q_mask[:, None], other=0.0)
         ref_x, ref_y = tl.split(ref.to(COMPUTE))
-        top, total = _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS, P_BLOCK, COMPUTE)
+        top, inv_total = _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS, P_BLOCK, COMPUTE)
     else:
         ref_x = tl.zeros(q.shape, dtype=COMPUTE)
         ref_y = ref_x
         top = ref_x
-        total = ref_x
-    return ref_x, ref_y, top, total
+        inv_total = ref_x
+    return ref_x, ref_y, top, inv_total
 
 
 @triton.autotune(**_tuning("forward"))
@@ -196,7 +209,7 @@ def _msda_forward_kernel(
         num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D, INDEX
     )
     value_base = value_ptr + value_offset
-    ref_x, ref_y, top, total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
+    ref_x, ref_y, top, inv_total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
                                              FUSED, COMPUTE)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=COMPUTE)
     for level in range(num_levels):
@@ -204,7 +217,7 @@ def _msda_forward_kernel(
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         start = tl.load(starts_ptr + level).to(tl.int32)
         xs, ys, weights = _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height,
-                                        width, top, total, POINTS, P_BLOCK, FUSED, COMPUTE)
+                                        width, top, inv_total, POINTS, P_BLOCK, FUSED, COMPUTE)
         for p in tl.static_range(POINTS):
             a = _column(weights, p, P_BLOCK)
             x0, y0, fx, fy, v00, v01, v10, v11 = _sample_corners(
@@ -249,7 +262,7 @@ def _msda_backward_kernel(
     grad_value_base = grad_value_ptr + value_offset
     grad = tl.load(grad_out_ptr + bqh[:, None] * head_dim + d[None, :],
                    mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(COMPUTE)
-    ref_x, ref_y, top, total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
+    ref_x, ref_y, top, inv_total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
                                              FUSED, COMPUTE)
     cols = tl.arange(0, P_BLOCK)
     tile_mask = _point_mask(q_mask, POINTS, P_BLOCK)
@@ -261,7 +274,7 @@ def _msda_backward_kernel(
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         start = tl.load(starts_ptr + level).to(tl.int32)
         xs, ys, weights = _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height,
-                                        width, top, total, POINTS, P_BLOCK, FUSED, COMPUTE)
+                                        width, top, inv_total, POINTS, P_BLOCK, FUSED, COMPUTE)
         grad_weights = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
         grad_xs = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
         grad_ys = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
@@ -309,7 +322,7 @@ def _msda_backward_kernel(
         for level in range(num_levels):
             first = (bqh * num_levels + level) * POINTS
             logits = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=tile_mask, other=float("-inf")).to(COMPUTE)
-            weights = tl.exp(logits - top[:, None]) / total[:, None]
+            weights = tl.exp(logits - top[:, None]) * inv_total[:, None]
             grad_weights = tl.load(grad_attn_ptr + first[:, None] + cols[None, :], mask=tile_mask, other=0.0).to(COMPUTE)
             tl.store(grad_attn_ptr + first[:, None] + cols[None, :],
                      (weights * (grad_weights - weighted_sum[:, None])).to(grad_attn_ptr.dtype.element_ty),

@@ -7,6 +7,8 @@ launch compiles exactly what a real one would (same constants, autotune configs,
 and integer specialisation), compiles instead of launching, and reads each kernel's machine code:
 registers, stack bytes, spill instructions (LDL/STL), global loads, stores and atomics by width.
 
+``python -m vitadapter.kernels.sass --arch 80|90`` prints the table for every variant the op can
+launch (exit status 1 if any spills); ``--json`` gives the reports to a program.
 Run it in a process of its own (``python -m vitadapter.kernels.sass``, or ``compile_variants``
 from a subprocess): it replaces Triton's active driver and ``torch.cuda.is_available`` for the
 rest of the process, and Triton's interpreter (``TRITON_INTERPRET=1``) must be off.
@@ -32,7 +34,7 @@ LEVELS = (1, 4)  # the level count is a run-time loop bound: 2 and 3 compile to 
 POINTS = (4, 8)
 ARCHS = (80, 90)
 
-_MEMORY = re.compile(r"\b((?:LDG|STG|ATOMG|REDG|RED|LDL|STL)(?:\.[A-Z0-9_]+)*)")
+_MEMORY = re.compile(r"\b((?:LDG|STG|ATOMG|REDG|RED|LDL|STL)(?:\.[A-Za-z0-9_]+)*)")
 
 
 @dataclasses.dataclass
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
     parser.add_argument("--points", default=",".join(map(str, POINTS)))
+    parser.add_argument("--forms", default="plain,fused")
     parser.add_argument("--json", action="store_true", help="one JSON list of the reports instead of a table")
     args = parser.parse_args(argv)
     reports = compile_variants(
@@ -241,13 +244,16 @@ def main(argv=None) -> int:
         head_dims=[int(d) for d in args.head_dims.split(",")],
         levels=[int(n) for n in args.levels.split(",")],
         points=[int(n) for n in args.points.split(",")],
+        forms=args.forms.split(","),
     )
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
         return 0
     print(table(reports))
-    print(f"kernels: {len(reports)}, most spill instructions in one: {max(r.spills for r in reports)}")
-    return 0
+    worst = max(r.spills + r.stack for r in reports)
+    print(f"kernels: {len(reports)}, most spill instructions in one: {max(r.spills for r in reports)}, "
+          f"largest stack: {max(r.stack for r in reports)} B")
+    return 1 if worst else 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The Triton kernels as an A100 (sm_80) and an H100 (sm_90) would run them, without a GPU.
 
-Every variant the op launches (forward and backward, plain and fused, float32/float16/bfloat16,
-head dims 16 to 128, 4 or 8 points, one or more levels, every autotune config a GPU would time) is
-compiled through the op's registered entry points by ``vitadapter.kernels.sass`` and its machine
-code read: no variant may spill registers to local memory, and the value rows must be gathered
-with wide loads. Both targets compile at once, each in a process of its own (the compiler is
-single-threaded); Triton's on-disk cache makes a second run on the same machine cheap.
+The variants the registered models launch (forward and backward, plain and fused, float32 and
+bfloat16, head dims 32 and 64, 4 points, one or more levels, every autotune config a GPU would
+time) are compiled through the op's registered entry points by ``vitadapter.kernels.sass`` and
+their machine code read: none may spill registers to local memory, and the value rows must be
+gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
+is single-threaded): about a minute on two cores, less with Triton's on-disk cache warm. The whole
+range (float16 too, head dims 16 to 128, 8 points: 336 kernels, ~8 CPU-minutes) is
+``python -m vitadapter.kernels.sass --arch 80|90``, whose result MODEL_CARD records.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -20,6 +23,7 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
                                 reason="this Triton wheel ships no NVIDIA toolchain")
 
+MATRIX = dict(dtypes=("float32", "bfloat16"), head_dims=(32, 64), points=(4,))
 # bits per gather instruction that a value row of each dtype must get at least
 GATHER_BITS = {"float32": 128, "float16": 64, "bfloat16": 64}
 ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -27,7 +31,8 @@ ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 def compile_arch(arch: int) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json"],
+    args = [f"--{name.replace('_', '-')}={','.join(map(str, values))}" for name, values in MATRIX.items()]
+    done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json", *args],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
@@ -49,14 +54,11 @@ def test_every_variant_compiles_for_both_targets(reports, capsys):
 
     with capsys.disabled():  # CI's log keeps the table: a regression in registers or instructions shows
         print("\n" + sass.table([sass.Report(**r) for r in reports]))
-    for arch in (80, 90):
-        for dtype in GATHER_BITS:
-            for head_dim in (16, 32, 64, 128):
-                for points in (4, 8):
-                    for form in ("plain", "fused"):
-                        kernels = {r["kernel"] for r in reports if (r["arch"], r["dtype"], r["head_dim"], r["points"],
-                                                                     r["form"]) == (arch, dtype, head_dim, points, form)}
-                        assert kernels == {"forward", "backward"}, (arch, dtype, head_dim, points, form)
+    for variant in itertools.product((80, 90), MATRIX["dtypes"], MATRIX["head_dims"], MATRIX["points"],
+                                     ("plain", "fused")):
+        kernels = {r["kernel"] for r in reports
+                   if (r["arch"], r["dtype"], r["head_dim"], r["points"], r["form"]) == variant}
+        assert kernels == {"forward", "backward"}, variant
 
 
 def test_no_variant_spills(reports):
