@@ -5,9 +5,10 @@ bfloat16, head dims 32 and 64, 4 points, one or more levels, every autotune conf
 time) are compiled through the op's registered entry points by ``vitadapter.kernels.sass`` and
 their machine code read: none may spill registers to local memory, and the value rows must be
 gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
-is single-threaded): about a minute on two cores, less with Triton's on-disk cache warm. The whole
-range (float16 too, head dims 16 to 128, 8 points: 336 kernels, ~8 CPU-minutes) is
-``python -m vitadapter.kernels.sass --arch 80|90``, whose result MODEL_CARD records.
+is single-threaded): 64 kernels, ~90 CPU-seconds cold (140 s wall measured on two cores shared
+with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
+16 to 128, 8 points: 360 kernels, ~12 CPU-minutes) is ``python -m vitadapter.kernels.sass --arch
+80|90``, whose result MODEL_CARD records.
 """
 import itertools
 import json
