@@ -25,122 +25,208 @@ started there, while a namespace portion yields to any regular package of that n
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+# Launch configurations. A program holds (BLOCK_Q, BLOCK_D) float32 tiles: the forward four corner
+# rows and an accumulator, the backward grad_output, four corners and their products besides. Each
+# thread's share of a tile is fixed per kernel: 16 elements in the forward, 4 in the backward. More
+# and some variant spills registers on sm_80 or sm_90; fewer and a float32 value row is gathered in
+# pieces narrower than 128 bits, or ptxas, left to pick the forward's register count, keeps it low
+# and spills an index across the levels loop (tests/test_msda_sass.py checks both). The backward
+# runs with ``maxnreg`` 255: left alone, ptxas stops it at 128 registers and spills a few values.
+# Two configs meet that share at every head dim up to 128 (one tile, four or eight warps); on a GPU
+# autotune times both, per key; in Triton's interpreter and without a GPU there is nothing to time
+# and the first is taken.
+_ELEMENTS_PER_THREAD = {"forward": 16, "backward": 4}
+_SHAPES = {  # (BLOCK_Q, num_warps)
+    "forward": ((256, 8), (128, 8), (128, 4), (64, 8), (64, 4), (32, 8), (32, 4), (16, 4)),
+    "backward": ((64, 8), (32, 8), (32, 4), (16, 8), (16, 4), (8, 8), (8, 4)),
+}
+_REGISTER_LIMIT = {"forward": None, "backward": 255}
+# autotune adds the tensors' dtypes to the key
+_TUNE_KEY = ["head_dim", "num_levels", "POINTS", "FUSED", "query_bucket"]
+
+
+def _tuning(kernel: str) -> dict:
+    """Autotune arguments for ``kernel``: its configs, pruned to those of the right share per thread
+    at the launch's head dim (beyond head dim 128 or so, the smallest tile)."""
+
+    def prune(configs, named_args, **kwargs):
+        fitting = [c for c in configs
+                   if c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == _ELEMENTS_PER_THREAD[kernel] * 32 * c.num_warps]
+        fitting = fitting or configs[-1:]
+        on_gpu = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+        return fitting[:2] if on_gpu else fitting[:1]
+
+    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=_REGISTER_LIMIT[kernel]) for q, w in _SHAPES[kernel]]
+    return dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+
+
+@triton.jit
+def _program_tile(num_queries, num_keys, num_heads, head_dim,
+                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, INDEX: tl.constexpr):
+    """This program's (batch, head) pair and query block: indices, masks, and where its rows live.
+
+    Returns query indices, channel indices, their masks, the value row stride, the offset of this
+    (batch, head) in value-shaped tensors, and the index of each (b, q, h) in (B, Q, heads, ...) tensors,
+    all in ``INDEX`` (int32 wherever every tensor has fewer than 2^31 elements: half the address math).
+    """
+    batch_head = tl.program_id(1)
+    b = (batch_head // num_heads).to(INDEX)
+    h = batch_head % num_heads
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    row_stride = num_heads * head_dim
+    value_offset = b * num_keys * row_stride + h * head_dim
+    bqh = (b * num_queries + q) * num_heads + h
+    return q, d, q < num_queries, d < head_dim, row_stride, value_offset, bqh
+
+
+@triton.jit
+def _point_mask(q_mask, POINTS: tl.constexpr, P_BLOCK: tl.constexpr):
+    """Mask of a (BLOCK_Q, P_BLOCK) tile of per-point values. Without padding columns it is constant
+    along a row, which lets Triton load and store each query's row with vector instructions."""
+    if POINTS == P_BLOCK:
+        return q_mask[:, None]
+    else:
+        return q_mask[:, None] & (tl.arange(0, P_BLOCK)[None, :] < POINTS)
+
+
+@triton.jit
+def _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height, width, top, inv_total,
+                  POINTS: tl.constexpr, P_BLOCK: tl.constexpr, FUSED: tl.constexpr, COMPUTE: tl.constexpr):
+    """One level's points of every query as (BLOCK_Q, P_BLOCK) tiles: pixel x and y (centres on integers)
+    and attention weight, each read with one tile load per level instead of one load per point.
+
+    Far-away points are clamped to two pixels outside the map: their corners stay off the map
+    (zero value, zero gradient, as without clamping) and the integer cast cannot overflow.
+    """
+    cols = tl.arange(0, P_BLOCK)
+    mask = _point_mask(q_mask, POINTS, P_BLOCK)
+    first = (bqh * num_levels + level) * POINTS
+    pair = tl.arange(0, 2 * P_BLOCK)
+    xy = tl.load(loc_ptr + 2 * first[:, None] + pair[None, :], mask=_point_mask(q_mask, 2 * POINTS, 2 * P_BLOCK),
+                 other=0.0).to(COMPUTE)
+    x, y = tl.split(tl.reshape(xy, (xy.shape[0], P_BLOCK, 2)))
+    w_f = width.to(COMPUTE)
+    h_f = height.to(COMPUTE)
+    if FUSED:
+        x = ref_x[:, None] * w_f - 0.5 + x
+        y = ref_y[:, None] * h_f - 0.5 + y
+        logits = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(COMPUTE)
+        a = tl.exp(logits - top[:, None]) * inv_total[:, None]
+    else:
+        x = x * w_f - 0.5
+        y = y * h_f - 0.5
+        a = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    x = tl.minimum(tl.maximum(x, -2.0), w_f + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), h_f + 1.0)
+    return x, y, tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _column(tile, p: tl.constexpr, P_BLOCK: tl.constexpr):
+    """Column p of a (BLOCK_Q, P_BLOCK) tile (p is a compile-time constant: a register pick)."""
+    return tl.sum(tl.where(tl.arange(0, P_BLOCK)[None, :] == p, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS: tl.constexpr, P_BLOCK: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+    """Per query, the largest logit over all levels and points and the reciprocal of the sum of
+    exp(logit - largest), one level's tile at a time (the softmax's weights are then
+    exp(logit - largest) x reciprocal). The reciprocal is taken once, in float32 without IEEE
+    rounding (within 2 ulp): a correctly rounded division is a subroutine call on NVIDIA GPUs, whose
+    saved registers go to the stack."""
+    cols = tl.arange(0, P_BLOCK)
+    mask = _point_mask(q_mask, POINTS, P_BLOCK)
+    top = tl.where(q_mask, -float("inf"), 0.0).to(COMPUTE)
+    total = tl.zeros(top.shape, dtype=COMPUTE)
+    for level in range(num_levels):
+        first = (bqh * num_levels + level) * POINTS
+        logits = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(COMPUTE)
+        new_top = tl.where(q_mask, tl.maximum(top, tl.max(logits, axis=1)), 0.0)
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logits - new_top[:, None]), axis=1)
+        top = new_top
+    total = tl.where(q_mask, total, 1.0)
+    if COMPUTE == tl.float32:
+        return top, tl.fdiv(1.0, total, ieee_rounding=False)
+    else:  # float64, for gradcheck: exact
+        return top, 1.0 / total
 
 
 @triton.jit
 def _corner(value_base, row_stride, start, cx, cy, width, height, d, q_mask, d_mask, COMPUTE: tl.constexpr):
     """Value rows at integer pixel (cx, cy) of one level, zero where the pixel is off the map."""
     inside = q_mask & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-    row = (start + cy * width + cx).to(tl.int64)
-    ptrs = value_base + row[:, None] * row_stride + d[None, :]
+    ptrs = value_base + ((start + cy * width + cx) * row_stride)[:, None] + d[None, :]
     return tl.load(ptrs, mask=inside[:, None] & d_mask[None, :], other=0.0).to(COMPUTE)
 
 
 @triton.jit
-def _pixel(loc_ptr, ref_ptr, k, q, q_mask, size, axis, FUSED: tl.constexpr, COMPUTE: tl.constexpr):
-    """One coordinate of point k in pixels of its level (centres on integers): floor and fraction.
-
-    Far-away points are clamped to two pixels outside the map: their corners stay off the map
-    (zero value, zero gradient, as without clamping) and the integer cast cannot overflow.
-    """
-    size_f = size.to(COMPUTE)
-    loc = tl.load(loc_ptr + 2 * k + axis, mask=q_mask, other=0.0).to(COMPUTE)
-    if FUSED:
-        ref = tl.load(ref_ptr + 2 * q + axis, mask=q_mask, other=0.0).to(COMPUTE)
-        pix = ref * size_f - 0.5 + loc
-    else:
-        pix = loc * size_f - 0.5
-    pix = tl.minimum(tl.maximum(pix, -2.0), size_f + 1.0)
-    low = tl.floor(pix)
-    return low.to(tl.int32), pix - low
-
-
-@triton.jit
-def _point(value_base, row_stride, start, loc_ptr, ref_ptr, k, q, width, height, d, q_mask, d_mask,
-           FUSED: tl.constexpr, COMPUTE: tl.constexpr):
-    """Sampling point k: its top-left corner pixel, fractions, and the four corner value rows."""
-    x0, fx = _pixel(loc_ptr, ref_ptr, k, q, q_mask, width, 0, FUSED, COMPUTE)
-    y0, fy = _pixel(loc_ptr, ref_ptr, k, q, q_mask, height, 1, FUSED, COMPUTE)
+def _sample_corners(value_base, row_stride, start, x, y, width, height, d, q_mask, d_mask, COMPUTE: tl.constexpr):
+    """Top-left corner pixel, fractions, and the four corner value rows of one point."""
+    x_low = tl.floor(x)
+    y_low = tl.floor(y)
+    x0 = x_low.to(tl.int32)
+    y0 = y_low.to(tl.int32)
     v00 = _corner(value_base, row_stride, start, x0, y0, width, height, d, q_mask, d_mask, COMPUTE)
     v01 = _corner(value_base, row_stride, start, x0 + 1, y0, width, height, d, q_mask, d_mask, COMPUTE)
     v10 = _corner(value_base, row_stride, start, x0, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
     v11 = _corner(value_base, row_stride, start, x0 + 1, y0 + 1, width, height, d, q_mask, d_mask, COMPUTE)
-    return x0, y0, fx, fy, v00, v01, v10, v11
+    return x0, y0, x - x_low, y - y_low, v00, v01, v10, v11
 
 
 @triton.jit
-def _softmax_tile(attn_ptr, bqh, q_mask, cols, num_terms, COMPUTE: tl.constexpr):
-    """Softmax over each query's levels x points logits, as a (BLOCK_Q, LP_BLOCK) tile."""
-    col_mask = cols[None, :] < num_terms
-    logits = tl.load(attn_ptr + bqh[:, None] * num_terms + cols[None, :],
-                     mask=q_mask[:, None] & col_mask, other=float("-inf")).to(COMPUTE)
-    top = tl.where(q_mask, tl.max(logits, axis=1), 0.0)
-    e = tl.where(col_mask, tl.exp(logits - top[:, None]), 0.0)
-    total = tl.where(q_mask, tl.sum(e, axis=1), 1.0)
-    return e / total[:, None]
-
-
-@triton.jit
-def _weight(attn_ptr, k, q_mask, weights, cols, j, FUSED: tl.constexpr, COMPUTE: tl.constexpr):
-    """Attention weight of point k (column j of the softmax tile when fused)."""
+def _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS: tl.constexpr, P_BLOCK: tl.constexpr,
+                  FUSED: tl.constexpr, COMPUTE: tl.constexpr):
+    """What the fused form needs once per query: the reference point and the softmax's statistics."""
     if FUSED:
-        return tl.sum(tl.where(cols[None, :] == j, weights, 0.0), axis=1)
+        ref = tl.load(ref_ptr + 2 * q[:, None] + tl.arange(0, 2)[None, :], mask=q_mask[:, None], other=0.0)
+        ref_x, ref_y = tl.split(ref.to(COMPUTE))
+        top, inv_total = _softmax_stats(attn_ptr, bqh, q_mask, num_levels, POINTS, P_BLOCK, COMPUTE)
     else:
-        return tl.load(attn_ptr + k, mask=q_mask, other=0.0).to(COMPUTE)
+        ref_x = tl.zeros(q.shape, dtype=COMPUTE)
+        ref_y = ref_x
+        top = ref_x
+        inv_total = ref_x
+    return ref_x, ref_y, top, inv_total
 
 
-@triton.jit
-def _program_tile(num_queries, num_keys, num_heads, head_dim, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (batch, head) pair and query block: indices, masks, and where its rows live.
-
-    Returns query indices, channel indices, their masks, the value row stride, the offset of this
-    (batch, head) in value-shaped tensors, and the index of each (b, q, h) in (B, Q, heads, ...) tensors.
-    """
-    batch_head = tl.program_id(1)
-    b = batch_head // num_heads
-    h = batch_head % num_heads
-    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    d = tl.arange(0, BLOCK_D)
-    row_stride = num_heads * head_dim
-    value_offset = b.to(tl.int64) * num_keys * row_stride + h * head_dim
-    bqh = (b.to(tl.int64) * num_queries + q) * num_heads + h
-    return q, d, q < num_queries, d < head_dim, row_stride, value_offset, bqh
-
-
-@triton.jit
+@triton.autotune(**_tuning("forward"))
+@triton.jit(do_not_specialize=["num_levels", "query_bucket"])
 def _msda_forward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, ref_ptr, attn_ptr, out_ptr,
-    num_queries, num_keys, num_heads, head_dim, num_levels, num_points,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, LP_BLOCK: tl.constexpr,
-    FUSED: tl.constexpr, COMPUTE: tl.constexpr,
+    num_queries, num_keys, num_heads, head_dim, num_levels, query_bucket,
+    POINTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, P_BLOCK: tl.constexpr,
+    FUSED: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
     q, d, q_mask, d_mask, row_stride, value_offset, bqh = _program_tile(
-        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D
+        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D, INDEX
     )
-    cols = tl.arange(0, LP_BLOCK)
     value_base = value_ptr + value_offset
-    weights = tl.zeros((BLOCK_Q, LP_BLOCK), dtype=COMPUTE)
-    if FUSED:
-        weights = _softmax_tile(attn_ptr, bqh, q_mask, cols, num_levels * num_points, COMPUTE)
+    ref_x, ref_y, top, inv_total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
+                                             FUSED, COMPUTE)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=COMPUTE)
     for level in range(num_levels):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
-        for point in range(num_points):
-            j = level * num_points + point
-            k = bqh * (num_levels * num_points) + j
-            a = _weight(attn_ptr, k, q_mask, weights, cols, j, FUSED, COMPUTE)
-            x0, y0, fx, fy, v00, v01, v10, v11 = _point(
-                value_base, row_stride, start, loc_ptr, ref_ptr, k, q, width, height, d, q_mask, d_mask,
-                FUSED, COMPUTE,
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        xs, ys, weights = _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height,
+                                        width, top, inv_total, POINTS, P_BLOCK, FUSED, COMPUTE)
+        for p in tl.static_range(POINTS):
+            a = _column(weights, p, P_BLOCK)
+            x0, y0, fx, fy, v00, v01, v10, v11 = _sample_corners(
+                value_base, row_stride, start, _column(xs, p, P_BLOCK), _column(ys, p, P_BLOCK), width, height,
+                d, q_mask, d_mask, COMPUTE,
             )
-            top = v00 + fx[:, None] * (v01 - v00)
-            bottom = v10 + fx[:, None] * (v11 - v10)
-            acc += a[:, None] * (top + fy[:, None] * (bottom - top))
+            top_row = v00 + fx[:, None] * (v01 - v00)
+            bottom_row = v10 + fx[:, None] * (v11 - v10)
+            acc += a[:, None] * (top_row + fy[:, None] * (bottom_row - top_row))
     out_ptrs = out_ptr + bqh[:, None] * head_dim + d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & d_mask[None, :])
 
@@ -149,60 +235,65 @@ def _msda_forward_kernel(
 def _scatter(grad_value_base, row_stride, start, cx, cy, width, height, q_mask, contribution, d, d_mask):
     """Add a corner's contribution to its grad_value rows, where the pixel is on the map."""
     inside = q_mask & (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-    row = (start + cy * width + cx).to(tl.int64)
-    ptrs = grad_value_base + row[:, None] * row_stride + d[None, :]
-    tl.atomic_add(ptrs, contribution, mask=inside[:, None] & d_mask[None, :])
+    ptrs = grad_value_base + ((start + cy * width + cx) * row_stride)[:, None] + d[None, :]
+    tl.atomic_add(ptrs, contribution, mask=inside[:, None] & d_mask[None, :], sem="relaxed")
 
 
 @triton.jit
+def _put(tile, p: tl.constexpr, column, P_BLOCK: tl.constexpr):
+    """``tile`` with column p (a compile-time constant) replaced by ``column``."""
+    return tl.where(tl.arange(0, P_BLOCK)[None, :] == p, column[:, None], tile)
+
+
+# grad_value collects atomics: zeroed again before each config autotune times
+@triton.autotune(reset_to_zero=["grad_value_ptr"], **_tuning("backward"))
+@triton.jit(do_not_specialize=["num_levels", "query_bucket"])
 def _msda_backward_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, ref_ptr, attn_ptr, grad_out_ptr,
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
-    num_queries, num_keys, num_heads, head_dim, num_levels, num_points,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, LP_BLOCK: tl.constexpr,
-    FUSED: tl.constexpr, COMPUTE: tl.constexpr,
+    num_queries, num_keys, num_heads, head_dim, num_levels, query_bucket,
+    POINTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, P_BLOCK: tl.constexpr,
+    FUSED: tl.constexpr, COMPUTE: tl.constexpr, INDEX: tl.constexpr,
 ):
     q, d, q_mask, d_mask, row_stride, value_offset, bqh = _program_tile(
-        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D
+        num_queries, num_keys, num_heads, head_dim, BLOCK_Q, BLOCK_D, INDEX
     )
-    cols = tl.arange(0, LP_BLOCK)
     value_base = value_ptr + value_offset
     grad_value_base = grad_value_ptr + value_offset
-    num_terms = num_levels * num_points
     grad = tl.load(grad_out_ptr + bqh[:, None] * head_dim + d[None, :],
                    mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(COMPUTE)
-    weights = tl.zeros((BLOCK_Q, LP_BLOCK), dtype=COMPUTE)
-    if FUSED:
-        weights = _softmax_tile(attn_ptr, bqh, q_mask, cols, num_terms, COMPUTE)
-    grad_weights = tl.zeros((BLOCK_Q, LP_BLOCK), dtype=COMPUTE)
+    ref_x, ref_y, top, inv_total = _query_inputs(ref_ptr, q, q_mask, attn_ptr, bqh, num_levels, POINTS, P_BLOCK,
+                                             FUSED, COMPUTE)
+    cols = tl.arange(0, P_BLOCK)
+    tile_mask = _point_mask(q_mask, POINTS, P_BLOCK)
+    pair = tl.arange(0, 2 * P_BLOCK)
+    # sum over all points of weight x d loss / d weight: the softmax backward's shared term
+    weighted_sum = tl.zeros((BLOCK_Q,), dtype=COMPUTE)
     for level in range(num_levels):
-        height = tl.load(shapes_ptr + 2 * level)
-        width = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
-        for point in range(num_points):
-            j = level * num_points + point
-            k = bqh * num_terms + j
-            a = _weight(attn_ptr, k, q_mask, weights, cols, j, FUSED, COMPUTE)
-            x0, y0, fx, fy, v00, v01, v10, v11 = _point(
-                value_base, row_stride, start, loc_ptr, ref_ptr, k, q, width, height, d, q_mask, d_mask,
-                FUSED, COMPUTE,
+        height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
+        width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
+        start = tl.load(starts_ptr + level).to(tl.int32)
+        xs, ys, weights = _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height,
+                                        width, top, inv_total, POINTS, P_BLOCK, FUSED, COMPUTE)
+        grad_weights = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
+        grad_xs = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
+        grad_ys = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
+        for p in tl.static_range(POINTS):
+            a = _column(weights, p, P_BLOCK)
+            x0, y0, fx, fy, v00, v01, v10, v11 = _sample_corners(
+                value_base, row_stride, start, _column(xs, p, P_BLOCK), _column(ys, p, P_BLOCK), width, height,
+                d, q_mask, d_mask, COMPUTE,
             )
             gx = 1.0 - fx
             gy = 1.0 - fy
-            top = v00 + fx[:, None] * (v01 - v00)
-            bottom = v10 + fx[:, None] * (v11 - v10)
-            grad_a = tl.sum(grad * (top + fy[:, None] * (bottom - top)), axis=1)
-            # d sample / d pixel times the weight; locations in [0, 1] also take d pixel / d location
-            grad_x = tl.sum(grad * (gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1) * a
-            grad_y = tl.sum(grad * (bottom - top), axis=1) * a
-            if FUSED:
-                grad_weights = tl.where(cols[None, :] == j, grad_a[:, None], grad_weights)
-            else:
-                tl.store(grad_attn_ptr + k, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=q_mask)
-                grad_x = grad_x * width.to(COMPUTE)
-                grad_y = grad_y * height.to(COMPUTE)
-            tl.store(grad_loc_ptr + 2 * k, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
-            tl.store(grad_loc_ptr + 2 * k + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=q_mask)
+            top_row = v00 + fx[:, None] * (v01 - v00)
+            bottom_row = v10 + fx[:, None] * (v11 - v10)
+            grad_weights = _put(grad_weights, p, tl.sum(grad * (top_row + fy[:, None] * (bottom_row - top_row)), axis=1),
+                                P_BLOCK)
+            # d sample / d pixel times the weight
+            grad_xs = _put(grad_xs, p, tl.sum(grad * (gy[:, None] * (v01 - v00) + fy[:, None] * (v11 - v10)), axis=1) * a,
+                           P_BLOCK)
+            grad_ys = _put(grad_ys, p, tl.sum(grad * (bottom_row - top_row), axis=1) * a, P_BLOCK)
             weighted = grad * a[:, None]
             _scatter(grad_value_base, row_stride, start, x0, y0, width, height, q_mask,
                      weighted * (gx * gy)[:, None], d, d_mask)
@@ -212,33 +303,51 @@ def _msda_backward_kernel(
                      weighted * (gx * fy)[:, None], d, d_mask)
             _scatter(grad_value_base, row_stride, start, x0 + 1, y0 + 1, width, height, q_mask,
                      weighted * (fx * fy)[:, None], d, d_mask)
+        if not FUSED:  # locations in [0, 1] also take d pixel / d location
+            grad_xs = grad_xs * width.to(COMPUTE)
+            grad_ys = grad_ys * height.to(COMPUTE)
+        first = (bqh * num_levels + level) * POINTS
+        grad_xy = tl.reshape(tl.join(grad_xs, grad_ys), (BLOCK_Q, 2 * P_BLOCK))
+        tl.store(grad_loc_ptr + 2 * first[:, None] + pair[None, :], grad_xy.to(grad_loc_ptr.dtype.element_ty),
+                 mask=_point_mask(q_mask, 2 * POINTS, 2 * P_BLOCK))
+        # the fused form's raw d loss / d weight waits in grad_attn for the softmax backward below
+        tl.store(grad_attn_ptr + first[:, None] + cols[None, :], grad_weights.to(grad_attn_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        if FUSED:
+            weighted_sum += tl.sum(weights * grad_weights, axis=1)
     if FUSED:
-        # softmax backward: dL/dlogit_j = w_j * (dL/dw_j - sum_i w_i dL/dw_i)
-        mean = tl.sum(weights * grad_weights, axis=1)
-        grad_logits = weights * (grad_weights - mean[:, None])
-        tl.store(grad_attn_ptr + bqh[:, None] * num_terms + cols[None, :],
-                 grad_logits.to(grad_attn_ptr.dtype.element_ty),
-                 mask=q_mask[:, None] & (cols[None, :] < num_terms))
+        # softmax backward: dL/dlogit_j = w_j * (dL/dw_j - sum_i w_i dL/dw_i); every thread must see the
+        # stores above before reading them back
+        tl.debug_barrier()
+        for level in range(num_levels):
+            first = (bqh * num_levels + level) * POINTS
+            logits = tl.load(attn_ptr + first[:, None] + cols[None, :], mask=tile_mask, other=float("-inf")).to(COMPUTE)
+            weights = tl.exp(logits - top[:, None]) * inv_total[:, None]
+            grad_weights = tl.load(grad_attn_ptr + first[:, None] + cols[None, :], mask=tile_mask, other=0.0).to(COMPUTE)
+            tl.store(grad_attn_ptr + first[:, None] + cols[None, :],
+                     (weights * (grad_weights - weighted_sum[:, None])).to(grad_attn_ptr.dtype.element_ty),
+                     mask=tile_mask)
 
 
 def _compute_dtype(value: torch.Tensor) -> torch.dtype:
     return torch.float64 if value.dtype == torch.float64 else torch.float32
 
 
-def _launch(value: torch.Tensor, locations: torch.Tensor, fused: bool) -> tuple[tuple, tuple, dict]:
+def _launch(value: torch.Tensor, locations: torch.Tensor) -> tuple:
     """Grid, size arguments and compile-time constants for locations/offsets of (B, Q, heads, L, P, 2)."""
     batch, keys, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
-    block_d = triton.next_power_of_2(head_dim)
-    # keep the (BLOCK_Q, BLOCK_D) float32 tiles at 2K elements: four corners and an accumulator
-    # stay in registers for head dims up to 128
-    block_q = max(16, min(64, 2048 // block_d))
-    grid = (triton.cdiv(queries, block_q), batch * heads)
-    sizes = (queries, keys, heads, head_dim, levels, points)
     compute = tl.float64 if _compute_dtype(value) == torch.float64 else tl.float32
+    largest = max(value.numel(), locations.numel(), batch * queries * heads * head_dim)
+
+    def grid(meta):
+        return triton.cdiv(queries, meta["BLOCK_Q"]), batch * heads
+
+    # autotune's choice per power-of-two query count (what decides how many programs are in flight)
+    sizes = (queries, keys, heads, head_dim, levels, triton.next_power_of_2(queries))
     constants = dict(
-        BLOCK_Q=block_q, BLOCK_D=block_d, LP_BLOCK=triton.next_power_of_2(levels * points),
-        FUSED=fused, COMPUTE=compute,
+        POINTS=points, BLOCK_D=triton.next_power_of_2(head_dim), P_BLOCK=triton.next_power_of_2(points),
+        COMPUTE=compute, INDEX=tl.int32 if largest < 2**31 else tl.int64,
     )
     return grid, sizes, constants
 
@@ -246,23 +355,26 @@ def _launch(value: torch.Tensor, locations: torch.Tensor, fused: bool) -> tuple[
 def _forward(value, spatial_shapes, level_start_index, locations, reference_points, attention, fused):
     batch, _, heads, head_dim = value.shape
     out = value.new_empty(batch, locations.shape[1], heads * head_dim)
-    grid, sizes, constants = _launch(value, locations, fused)
+    grid, sizes, constants = _launch(value, locations)
     _msda_forward_kernel[grid](
-        value, spatial_shapes, level_start_index, locations, reference_points, attention, out, *sizes, **constants
+        value, spatial_shapes, level_start_index, locations, reference_points, attention, out, *sizes,
+        FUSED=fused, **constants,
     )
     return out
 
 
 def _backward(grad_output, value, spatial_shapes, level_start_index, locations, reference_points, attention, fused):
-    grad_value = torch.zeros(value.shape, dtype=_compute_dtype(value), device=value.device)
+    compute = _compute_dtype(value)
+    grad_value = torch.zeros(value.shape, dtype=compute, device=value.device)
     grad_locations = torch.empty_like(locations)
-    grad_attention = torch.empty_like(attention)
-    grid, sizes, constants = _launch(value, locations, fused)
+    # the fused form keeps d loss / d weight there between its two passes: at full precision
+    grad_attention = torch.empty(attention.shape, dtype=compute if fused else attention.dtype, device=value.device)
+    grid, sizes, constants = _launch(value, locations)
     _msda_backward_kernel[grid](
         value, spatial_shapes, level_start_index, locations, reference_points, attention, grad_output,
-        grad_value, grad_locations, grad_attention, *sizes, **constants,
+        grad_value, grad_locations, grad_attention, *sizes, FUSED=fused, **constants,
     )
-    return grad_value.to(value.dtype), grad_locations, grad_attention
+    return grad_value.to(value.dtype), grad_locations, grad_attention.to(attention.dtype)
 
 
 def msda_forward(
