@@ -143,9 +143,12 @@ def coco_release(backbone_tag: str, **kwargs: Any) -> dict[str, Any]:
 HeadsConfig = Callable[[int, int], Mapping[str, Any]]
 
 
-def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig) -> Detector:
+def create_detector(
+    variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig,
+    test_scale: tuple[int, int] = DETECTION_SCALE,
+) -> Detector:
     """A registered detector: the ``backbone`` architecture and the heads of upstream's mmdet config
-    ``heads`` gives for its width and class count, at upstream's COCO test scale.
+    ``heads`` gives for its width and class count, at upstream's COCO ``test_scale``.
 
     ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
     ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
@@ -170,7 +173,7 @@ def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[
         net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
         heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
         names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
-        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std)
+        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std, test_scale=test_scale)
         detector.model_args = dict({k: v for k, v in net.model_args.items() if k != "num_classes"}, num_classes=num_classes)
         if pretrained:
             checkpoint = cfg.state_dict
