@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from timm.models import generate_default_cfgs, register_model
 
+from ..detection import AugTest
 from .detector import Detector, coco_release, create_detector
 from .mask_rcnn import _box_head, _extractor, mask_rcnn_config
 
@@ -58,6 +59,13 @@ default_cfgs = generate_default_cfgs({
     ),
 })
 
+
+def _aug_test(long_side: int) -> AugTest:
+    """Upstream's ``_ms`` test: six short sides with flips, each contributing the object sizes it sees best."""
+    return AugTest(scales=tuple((long_side, short) for short in (600, 800, 1000, 1200, 1400, 1600)),
+                   scale_ranges=(("l",), ("l",), ("m", "l"), ("s", "m"), ("s", "m"), ("s", "m")))
+
+
 # the stages' box target stds (mmdet's htc_r50_fpn)
 _STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
@@ -91,16 +99,17 @@ def htc_config(width: int, num_classes: int, drop_path: float = 0.3, max_per_img
     )
 
 
-def _create(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], **config: Any) -> Detector:
-    o365 = config.get("o365", False)
+def _create(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], aug_long_side: int = 3000,
+            **config: Any) -> Detector:
     return create_detector(variant, backbone, pretrained, kwargs, lambda width, classes: htc_config(width, classes, **config),
-                           test_scale=_SCALE_O365 if o365 else _SCALE)
+                           test_scale=_SCALE_O365 if config.get("o365") else _SCALE, aug_test=_aug_test(aug_long_side))
 
 
 @register_model
 def htc_augreg_adapter_l(pretrained: bool = False, **kwargs: Any) -> Detector:
     """HTC++ on ViT-Adapter-L (AugReg-L trunk, 384-px position grid, windowed attention)."""
-    return _create("htc_augreg_adapter_l", "vit_adapter_l_det", pretrained, kwargs, drop_path=0.4, max_per_img=300)
+    return _create("htc_augreg_adapter_l", "vit_adapter_l_det", pretrained, kwargs, aug_long_side=1600, drop_path=0.4,
+                   max_per_img=300)
 
 
 @register_model
