@@ -153,3 +153,50 @@ def test_bad_aug_settings_and_detectors_without_one_are_named(detector):
     assert mask_rcnn.aug_test is None
     with pytest.raises(ValueError, match="HTC"):
         mask_rcnn.detect_aug_from_pyramids([], [], [], (10, 10), AugTest(scales=((100, 50),), scale_ranges=(("s",),), flip=False))
+
+
+# ---- the CLI's --aug --------------------------------------------------------------------------------------
+
+
+def test_eval_det_and_detect_aug_run_the_multi_scale_test(tmp_path, capsys, monkeypatch):
+    """--aug answers through detect_aug (a stub that knows the right detections only there) and says
+    which views it ran."""
+    from test_detect_cli import StubDetector, predictions, synthetic_coco
+    from vitadapter.cli import main
+
+    class AugStub(StubDetector):
+        aug_test = AugTest(scales=((1333, 800), (1600, 1000)), scale_ranges=(("s", "m"), ("l",)))
+
+        def forward(self, images):
+            raise AssertionError("--aug must run detect_aug")
+
+        def detect_aug(self, images):
+            return [self.by_size[tuple(image.shape[-2:])] for image in images]
+
+    _, placed = synthetic_coco(tmp_path)
+    stub = AugStub(predictions(placed, False))
+    for command in ("eval_det", "detect"):
+        monkeypatch.setattr(f"vitadapter.cli.{command}.detector_model", lambda args, device, fall_back: (stub, "stub"))
+    assert main(["eval-det", "--data", str(tmp_path / "val"), "--aug"]) == 0
+    out = capsys.readouterr().out
+    assert "multi-scale flip test (4 views: 1333 x 800, 1600 x 1000)" in out and "bbox_mAP_copypaste: 1.000 1.000" in out
+    assert main(["detect", str(tmp_path / "val"), "--aug", "--out", str(tmp_path / "out")]) == 0
+    assert "at multi-scale flip test (4 views" in capsys.readouterr().out
+    found = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert len(found) == sum(len(p["scores"]) for p in predictions(placed, False).values())
+
+
+def test_aug_is_refused_where_upstream_has_none(tmp_path, capsys, monkeypatch):
+    from test_detect_cli import one_line_error
+    from vitadapter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["detect", "--aug", "--size", "128"]) == 2
+    one_line_error(capsys, "--aug runs upstream's own scales", "--size")
+    (tmp_path / "r.json").write_text("[]")
+    (tmp_path / "val").mkdir()
+    assert main(["eval-det", "--data", "val", "--ann", "r.json", "--results", "r.json", "--aug"]) == 2
+    one_line_error(capsys, "leave out --aug")
+    monkeypatch.setattr("vitadapter.cli._detectors.pretrained_model", lambda name: (vitadapter.create_model(name), None))
+    assert main(["detect", "--aug", "--model", "mask_rcnn_vit_adapter_t", "--device", "cpu"]) == 2
+    one_line_error(capsys, "HTC++ detectors only", "mask_rcnn_vit_adapter_t")
