@@ -198,6 +198,10 @@ UPSTREAM = {
     "mask_rcnn_vit_adapter_s_nofpn.coco": ("v0.1.6/mask_rcnn_deit_adapter_small_3x_coco.pth.tar", 48.2, 42.7, 45),
     "cascade_mask_rcnn_vit_adapter_s.coco": ("v0.1.3/cascade_mask_rcnn_deit_adapter_small_fpn_3x_coco.pth.tar", 51.5, 44.3, 86),
     "cascade_mask_rcnn_vit_adapter_b.coco": ("v0.3.1/cascade_mask_rcnn_deit_adapter_base_fpn_3x_coco.pth", 52.1, 44.8, 158),
+    "htc_augreg_adapter_l.coco": ("v0.3.1/htc++_augreg_adapter_large_fpn_3x_coco.pth", 56.6, 49.0, 401),
+    "htc_beit_adapter_l.coco": ("0.3.0/htc++_beit_adapter_large_fpn_3x_coco.pth.tar", 58.4, 50.8, 401),
+    "htc_beitv2_adapter_l.coco": ("v0.3.1/htc++_beitv2_adapter_large_fpn_3x_coco.pth", 58.8, 51.1, 401),
+    "htc_beitv2_adapter_l_gn.o365_coco": ("v0.3.1/htc++_beitv2_adapter_large_fpn_o365_coco.pth", 61.8, 53.0, 401),
 }
 
 
@@ -215,9 +219,10 @@ def test_zoo_names_upstreams_release_files_and_builds_with_its_parameter_counts(
         with meta_device():
             model = vitadapter.create_model(name)
         assert isinstance(model, Detector) and model.class_names == coco.CLASSES and model.num_classes == 80
-        cascade = name.startswith("cascade")
-        assert len(model.roi_head.bbox_heads) == (3 if cascade else 1) and len(model.roi_head.mask_heads) == len(model.roi_head.bbox_heads)
-        assert type(model.neck).__name__ == ("ChannelMapperWithPooling" if "nofpn" in name else "FPN")
+        stages = 1 if name.startswith("mask_rcnn") else 3
+        assert len(model.roi_head.bbox_heads) == stages and len(model.roi_head.mask_heads) == len(model.roi_head.bbox_heads)
+        necks = ["ExtraAttention", "FPN"] if name.startswith("htc") else ["ChannelMapperWithPooling" if "nofpn" in name else "FPN"]
+        assert [type(m).__name__ for m in (model.neck if name.startswith("htc") else [model.neck])] == necks
         count = sum(p.numel() for p in model.parameters())
         if name in ("mask_rcnn_dinov2_adapter_b.coco", "mask_rcnn_dinov2_adapter_l.coco"):
             # upstream's DINOv2 table repeats the DeiT-B / AugReg-L rows' counts; these backbones
@@ -229,6 +234,16 @@ def test_zoo_names_upstreams_release_files_and_builds_with_its_parameter_counts(
             width = model.backbone.embed_dim
             assert count - sum(p.numel() for p in other.parameters()) == (37 * 37 - grid * grid) * width
             assert round(count / 1e6) == millions + 1
+        elif name == "htc_augreg_adapter_l.coco":
+            # upstream's htc++ table gives every row 401M; AugReg-L's detector has BEiT-L's heads, and its
+            # backbone lacks BEiT's relative position tables (14- and 56-token windows) and has one more
+            # qkv bias per block and a 24x24 position embedding instead: 400.3M
+            with meta_device():
+                beit = vitadapter.create_model("htc_beit_adapter_l")
+            tables = 16 * (20 * (2 * 14 - 1) ** 2 + 4 * (2 * 56 - 1) ** 2)
+            width = model.backbone.embed_dim
+            assert sum(p.numel() for p in beit.parameters()) - count == tables - 24 * width - 24 * 24 * width
+            assert round(count / 1e6) == millions - 1
         else:
             assert round(count / 1e6) == millions, name
     half = timm.models.get_pretrained_cfg("mask_rcnn_vit_adapter_l.coco")

@@ -294,14 +294,15 @@ def padded_detection_size(height: int, width: int, scale: tuple[int, int] = DETE
 
 
 @torch.no_grad()
-def predict_detections(detector: nn.Module, image: Image.Image) -> dict[str, torch.Tensor]:
+def predict_detections(detector: nn.Module, image: Image.Image, aug: bool = False) -> dict[str, torch.Tensor]:
     """The detections of ``detector`` (a ``vitadapter`` detector in eval mode) in an RGB PIL image,
     on the CPU: ``boxes`` (N, 4) x1, y1, x2, y2 in the image's pixels, ``scores`` (N,), ``labels``
-    (N,) 0-based (``detector.class_names``), ``masks`` (N, H, W) bool, best score first."""
+    (N,) 0-based (``detector.class_names``), ``masks`` (N, H, W) bool, best score first. ``aug``:
+    under the detector's multi-scale flip test (``detector.detect_aug``; upstream's for HTC++)."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image is {image.width}x{image.height} pixels: nothing to detect in")
     pixels = torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
-    (result,) = detector([pixels])
+    (result,) = detector.detect_aug([pixels]) if aug else detector([pixels])
     return {k: v.cpu() for k, v in result.items()}

@@ -24,8 +24,12 @@ def add_detector_options(p: argparse.ArgumentParser) -> None:
                    help="whole detector checkpoint (upstream .pth/.pth.tar or .safetensors), or a folder of "
                         "config.json + model.safetensors (save_pretrained, convert), which brings its own model")
     p.add_argument("--size", type=size_option, metavar="N",
-                   help=f"test scale: short side <= N and long side <= N x {_LONG}/{_SHORT} "
-                        f"(default: {_SHORT}, upstream's {_LONG} x {_SHORT}); smaller is faster and finds fewer small objects")
+                   help=f"test scale: short side <= N, long side in the model's own ratio (default: the model's own, "
+                        f"upstream's: {_LONG} x {_SHORT} for Mask R-CNN, 1600 x 1400 for HTC++); smaller is faster and "
+                        "finds fewer small objects")
+    p.add_argument("--aug", action="store_true",
+                   help="upstream's multi-scale flip test (HTC++ detectors: its _ms configs, 6 scales x 2 flips, "
+                        "12 passes per image): slower, higher AP")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
 
 
@@ -38,15 +42,19 @@ def size_option(text: str) -> int:
     return value
 
 
-def test_scale(size: Optional[int]) -> tuple[int, int]:
-    """(long, short) limits of ``--size``: upstream's 1333 x 800 scaled to the short side asked for."""
-    short = size or _SHORT
-    return int(short * _LONG / _SHORT + 0.5), short
+def test_scale(model_scale: tuple[int, int], size: Optional[int]) -> tuple[int, int]:
+    """(long, short) limits of ``--size``: the model's own test scale, or it scaled to the short side asked for."""
+    if size is None:
+        return model_scale
+    long, short = max(model_scale), min(model_scale)
+    return int(size * long / short + 0.5), size
 
 
 def check_detector_options(args: argparse.Namespace) -> None:
     """``--model`` and ``--weights`` of detect and eval-det, checked before torch loads. A folder of
     weights brings its own model: ``--model`` becomes ``local-dir:FOLDER``."""
+    if args.aug and args.size is not None:
+        raise UsageError("--aug runs upstream's own scales: leave out --size")
     if args.weights is not None and Path(args.weights).is_dir():
         folder = Path(args.weights)
         if not (folder / "config.json").is_file():
@@ -95,7 +103,9 @@ def detector_model(args: argparse.Namespace, device: "torch.device", fall_back: 
             torch.manual_seed(0)
             model, weights = create_model(args.model), None
         _check_detector(model, args.model)
-    model.test_scale = test_scale(args.size)
+    model.test_scale = test_scale(model.test_scale, args.size)
+    if args.aug and model.aug_test is None:
+        raise UsageError(f"--aug: upstream has a multi-scale flip test for its HTC++ detectors only, not for {args.model}")
     return model.eval().to(device), weights
 
 
@@ -123,6 +133,9 @@ def category_ids(model: "torch.nn.Module") -> list[int]:
 
 
 def scale_text(model: "torch.nn.Module", args: argparse.Namespace) -> str:
+    if args.aug:
+        scales = ", ".join(f"{long} x {short}" for long, short in model.aug_test.scales)
+        return f"multi-scale{' flip' if model.aug_test.flip else ''} test ({len(model.aug_test.views())} views: {scales})"
     long, short = model.test_scale
     return f"test scale {long} x {short}" + ("" if args.size else " (upstream's; --size changes it)")
 

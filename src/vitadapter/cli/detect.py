@@ -89,7 +89,7 @@ def detect(args: argparse.Namespace) -> int:
                 bar.update()
                 continue
             with torch.inference_mode():
-                found = {k: v.numpy() for k, v in predict_detections(model, image).items()}
+                found = {k: v.numpy() for k, v in predict_detections(model, image, args.aug).items()}
             results += detection_results(found, image_id, categories)
             shown = found["scores"] >= args.score_thr
             caption = f"{int(shown.sum())} of {len(shown)} detections scoring at least {args.score_thr:g} drawn: mask, box, class and score"

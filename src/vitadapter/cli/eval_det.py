@@ -31,7 +31,8 @@ def eval_det(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("pycocotools") is None:
         raise UsageError("eval-det scores with pycocotools, which is not installed: pip install 'vitadapter[coco]'")
     if args.results is not None:
-        given = [option for option, value in (("--model", args.model), ("--weights", args.weights), ("--size", args.size)) if value]
+        given = [option for option, value in (("--model", args.model), ("--weights", args.weights), ("--size", args.size),
+                                              ("--aug", args.aug)) if value]
         if given:
             raise UsageError(f"--results scores detections already made: leave out {', '.join(given)}")
         if not Path(args.results).is_file():
@@ -71,7 +72,7 @@ def eval_det(args: argparse.Namespace) -> int:
         results = []
         with tqdm(total=len(images), unit="image", desc="eval-det", disable=None) as bar:
             for image in images:
-                results += _detect(model, data / image["file_name"], image["id"], categories)
+                results += _detect(model, data / image["file_name"], image["id"], categories, args.aug)
                 bar.update()
         print(f"model:   {args.model} ({weights_line(weights)}), {scale_text(model, args)}")
     print(f"data:    {len(images)} of {len(ground_truth.imgs)} images in {data}, annotations {ann}")
@@ -114,7 +115,7 @@ def _category_ids(model: "torch.nn.Module", categories: list[dict[str, Any]], an
     return [by_name[name] for name in names]
 
 
-def _detect(model: "torch.nn.Module", path: Path, image_id: int, categories: list[int]) -> list[dict[str, Any]]:
+def _detect(model: "torch.nn.Module", path: Path, image_id: int, categories: list[int], aug: bool) -> list[dict[str, Any]]:
     import torch  # lazy: startup time
 
     from ..data.images import read_rgb
@@ -124,5 +125,5 @@ def _detect(model: "torch.nn.Module", path: Path, image_id: int, categories: lis
     with open(path, "rb") as f:
         image = read_rgb(f, str(path))
     with torch.inference_mode():
-        found = predict_detections(model, image)
+        found = predict_detections(model, image, aug)
     return detection_results({k: v.numpy() for k, v in found.items()}, image_id, categories)

@@ -63,8 +63,9 @@ def neck_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """mmdet ``FPN`` (``add_extra_convs=False``, all inputs) or upstream's ``ChannelMapperWithPooling``."""
     cfg = _check_type(cfg, ("FPN", "ChannelMapperWithPooling"), "neck")
     kwargs = {"type": cfg["type"], "in_channels": list(cfg["in_channels"]), "out_channels": int(cfg["out_channels"]),
-              "num_outs": int(cfg.get("num_outs", len(cfg["in_channels"]))), "norm": _norm(cfg, "neck")}
+              "num_outs": int(cfg.get("num_outs", len(cfg["in_channels"])))}
     if cfg["type"] == "ChannelMapperWithPooling":
+        kwargs["norm"] = _norm(cfg, "neck")
         _check_keys(cfg, ("in_channels", "out_channels", "num_outs", "norm_cfg", "kernel_size"), "neck")
         if cfg.get("act_cfg", {"type": "ReLU"}) != {"type": "ReLU"}:
             raise ValueError(f"neck.act_cfg: only ReLU is supported, got {cfg['act_cfg']!r}")
@@ -77,7 +78,18 @@ def neck_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"neck: FPN add_extra_convs={cfg['add_extra_convs']!r} is not supported (only max-pooled extra levels)")
     if cfg.get("no_norm_on_lateral", False) or cfg.get("upsample_cfg", {"mode": "nearest"}) != {"mode": "nearest"}:
         raise ValueError("neck: FPN no_norm_on_lateral and upsample_cfg other than nearest are not supported")
-    return kwargs
+    return {**kwargs, **_fpn_norm(cfg.get("norm_cfg"))}
+
+
+def _fpn_norm(norm: Any) -> dict[str, Any]:
+    """An FPN's norm: BatchNorm as the other parts take it, or GroupNorm (upstream's Objects365 HTC++;
+    mmcv's keys ``gn.*``)."""
+    if not (isinstance(norm, Mapping) and norm.get("type") == "GN"):
+        return {"norm": _norm({"norm_cfg": norm}, "neck")}
+    _check_keys(norm, ("num_groups", "requires_grad", "eps"), "neck.norm_cfg")
+    if "num_groups" not in norm or float(norm.get("eps", 1e-5)) != 1e-5:
+        raise ValueError(f"neck.norm_cfg: GroupNorm is supported with num_groups and mmcv's default eps 1e-5, got {dict(norm)!r}")
+    return {"norm": "GN", "num_groups": int(norm["num_groups"])}
 
 
 def rpn_head_kwargs(cfg: Mapping[str, Any], test_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +14,13 @@ from .conv_module import ConvModule
 class FPN(nn.Module):
     """1x1 ``lateral_convs``, a top-down pass (nearest upsampling to the finer map's size, added), 3x3
     ``fpn_convs``, no activation; levels beyond the inputs are stride-2 max-pools (kernel 1) of the last
-    output, mmdet's ``add_extra_convs=False``. ``norm`` puts BatchNorm after every conv (upstream's
-    LSJ recipes)."""
+    output, mmdet's ``add_extra_convs=False``. ``norm`` puts a norm after every conv: True or "BN"
+    BatchNorm (upstream's LSJ recipes), "GN" GroupNorm of ``num_groups`` groups (its Objects365 HTC++)."""
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, num_outs: int = 5, norm: bool = False):
+    def __init__(
+        self, in_channels: Sequence[int], out_channels: int, num_outs: int = 5, norm: Union[bool, str] = False,
+        num_groups: int = 32,
+    ):
         super().__init__()
         if len(in_channels) < 1:
             raise ValueError("in_channels must list at least one input level")
@@ -25,9 +29,9 @@ class FPN(nn.Module):
         self.in_channels = list(in_channels)
         self.out_channels = out_channels
         self.num_outs = num_outs
-        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1, norm=norm, act=False) for c in in_channels)
+        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1, norm=norm, act=False, num_groups=num_groups) for c in in_channels)
         self.fpn_convs = nn.ModuleList(
-            ConvModule(out_channels, out_channels, 3, norm=norm, act=False) for _ in in_channels
+            ConvModule(out_channels, out_channels, 3, norm=norm, act=False, num_groups=num_groups) for _ in in_channels
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

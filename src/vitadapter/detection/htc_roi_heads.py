@@ -13,7 +13,7 @@ from .box_head import ConvFCBBoxHead
 from .htc_heads import HTCMaskHead, mask_info_flow
 from .poolers import RoIPooler
 from .postprocess import paste_masks
-from .roi_heads import boxes_to_rois, cascade_stages, decode_to_original, scale_factor
+from .roi_heads import boxes_to_rois, cascade_stages, scale_factor
 from .semantic_head import FusedSemanticHead, fuse_semantic
 from .soft_nms import _check_options, multiclass_soft_nms
 
@@ -114,6 +114,20 @@ class HTCRoIHeads(nn.Module):
         # HTC averages probabilities, not logits
         return sum(stage[rows, channel].sigmoid() for stage in logits) / len(logits)
 
+    def candidates(
+        self, features: Sequence[torch.Tensor], semantic: torch.Tensor, proposals: Sequence[torch.Tensor], image_sizes: Sequence[Size]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image, before any NMS: the last stage's boxes ((N, 4), or (N, 4 * classes) with
+        class-specific regression) clipped to the image, in the batch's pixels, and the softmax of the
+        stages' mean logits (N, classes + 1): mmdet's ``get_bboxes(cfg=None, rescale=False)``."""
+        counts = [p.shape[0] for p in proposals]
+        stages = self.stage_outputs(features, semantic, boxes_to_rois(proposals), image_sizes)
+        rois, _, deltas = stages[-1]
+        # the test score is the softmax of the stages' mean LOGITS
+        scores = (sum(logits for _, logits, _ in stages) / len(stages)).softmax(dim=-1)
+        return [(self.bbox_heads[-1].decode(r[:, 1:], d, size), s)
+                for r, s, d, size in zip(rois.split(counts), scores.split(counts), deltas.split(counts), image_sizes)]
+
     def forward(
         self,
         features: Sequence[torch.Tensor],
@@ -127,18 +141,14 @@ class HTCRoIHeads(nn.Module):
         ``proposals``: per image (N, >=4) boxes in the batch's pixels (the RPN's output).
         """
         semantic = self.semantic_features(features)
-        counts = [p.shape[0] for p in proposals]
-        stages = self.stage_outputs(features, semantic, boxes_to_rois(proposals), image_sizes)
-        rois, _, deltas = stages[-1]
-        # the test score is the softmax of the stages' mean LOGITS
-        scores = (sum(logits for _, logits, _ in stages) / len(stages)).softmax(dim=-1)
         results, mask_boxes = [], []
-        for r, s, d, size, original in zip(rois.split(counts), scores.split(counts), deltas.split(counts), image_sizes, original_sizes):
-            boxes = decode_to_original(self.bbox_heads[-1], r, d, size, original)
+        for (boxes, s), size, original in zip(self.candidates(features, semantic, proposals, image_sizes), image_sizes, original_sizes):
+            factor = scale_factor(size, original, boxes.device)
+            boxes = (boxes.unflatten(1, (-1, 4)) / factor).flatten(1)
             dets, labels = multiclass_soft_nms(boxes, s, self.score_thr, self.max_per_img, **self.soft_nms)
             results.append({"boxes": dets[:, :4], "scores": dets[:, 4], "labels": labels})
             # mmdet reads the masks at the detections mapped back into the batch
-            mask_boxes.append(dets[:, :4] * scale_factor(size, original, r.device))
+            mask_boxes.append(dets[:, :4] * factor)
         counts = [b.shape[0] for b in mask_boxes]
         probs = features[0].new_zeros(0, 0, 0)
         if sum(counts):

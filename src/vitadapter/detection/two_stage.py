@@ -12,8 +12,10 @@ from .channel_mapper import ChannelMapperWithPooling
 from .extra_attention import ExtraAttention
 from .fpn import FPN
 from .htc_roi_heads import HTCRoIHeads
-from .roi_heads import CascadeRoIHeads, RoIHeads
+from .postprocess import paste_masks
+from .roi_heads import CascadeRoIHeads, RoIHeads, boxes_to_rois
 from .rpn import RPNHead
+from .test_time_aug import AugTest, merge_mask_probabilities, merge_views, to_view
 
 NECKS = {"FPN": FPN, "ChannelMapperWithPooling": ChannelMapperWithPooling, "ExtraAttention": ExtraAttention}
 ROI_HEADS = {"RoIHeads": RoIHeads, "CascadeRoIHeads": CascadeRoIHeads, "HTCRoIHeads": HTCRoIHeads}
@@ -56,7 +58,8 @@ class TwoStageDetectorHeads(nn.Module):
     ``roi_head`` (``{"type": "RoIHeads" | "CascadeRoIHeads" | "HTCRoIHeads", ...}``).
     ``vitadapter.converters.mmdet.detector_heads_kwargs`` makes these from upstream's ``model`` dict.
 
-    ``detect_from_pyramid`` is mmdet's ``simple_test(rescale=True)`` after the backbone.
+    ``detect_from_pyramid`` is mmdet's ``simple_test(rescale=True)`` after the backbone;
+    ``detect_aug_from_pyramids`` upstream's multi-scale flip test of HTC++ (``test_time_aug``).
     """
 
     def __init__(self, neck: Mapping[str, Any] | Sequence[Mapping[str, Any]], rpn_head: Mapping[str, Any], roi_head: Mapping[str, Any]):
@@ -98,6 +101,53 @@ class TwoStageDetectorHeads(nn.Module):
         features = self.neck(pyramid)
         proposals = self.rpn_head.proposals(*self.rpn_head(features), image_sizes)
         return self.roi_head(features, proposals, image_sizes, original_sizes)
+
+    def detect_aug_from_pyramids(
+        self,
+        pyramids: Sequence[Sequence[torch.Tensor]],
+        image_sizes: Sequence[Sequence[int]],
+        flipped: Sequence[bool],
+        original_size: Sequence[int],
+        aug: AugTest,
+    ) -> dict[str, torch.Tensor]:
+        """One image's detections under ``aug`` (upstream's ``HybridTaskCascadeAug.aug_test``), as
+        ``detect_from_pyramid`` gives them: ``pyramids`` are the backbone's levels of each view in
+        ``aug.views()``'s order (a batch of one each), ``image_sizes`` each view's (h, w) inside its
+        batch, ``flipped`` whether it was mirrored, ``original_size`` the image's (h, w)."""
+        roi = self.roi_head
+        if not isinstance(roi, HTCRoIHeads):
+            raise ValueError(f"the multi-scale flip test is upstream's for HTC++ only, not for {type(roi).__name__}")
+        if not roi.bbox_heads[-1].reg_class_agnostic:
+            raise ValueError("the multi-scale flip test votes over one box per RoI: it needs class-agnostic box regression")
+        views = aug.views()
+        if not (len(pyramids) == len(image_sizes) == len(flipped) == len(views)):
+            raise ValueError(f"pyramids, image_sizes and flipped must give one entry per view of aug ({len(views)}), got "
+                             f"{len(pyramids)}, {len(image_sizes)} and {len(flipped)}")
+        if [f for _, f, _ in views] != [bool(f) for f in flipped]:
+            raise ValueError("flipped must follow aug.views(): per scale the unflipped view, then the mirrored one")
+        sizes = _check_sizes(image_sizes, len(views), "image_sizes")
+        (original,) = _check_sizes([original_size], 1, "original_size")
+        boxes, scores, kept = [], [], []
+        for pyramid, size in zip(pyramids, sizes):
+            features = self.neck(pyramid)
+            proposals = self.rpn_head.proposals(*self.rpn_head(features), [size])
+            semantic = roi.semantic_features(features)
+            ((view_boxes, view_scores),) = roi.candidates(features, semantic, proposals, [size])
+            boxes.append(view_boxes)
+            scores.append(view_scores)
+            # upstream keeps every view's features: the masks are read at the merged boxes
+            kept.append((features, semantic))
+        dets, labels = merge_views(boxes, scores, sizes, flipped, original, aug)
+        found = dets[:, :4]
+        probs = found.new_zeros(0, 0, 0)
+        if found.shape[0]:
+            probs = merge_mask_probabilities(
+                [roi.mask_probabilities(features, semantic, boxes_to_rois([to_view(found, size, original, flip)]), labels)
+                 for (features, semantic), size, flip in zip(kept, sizes, flipped)],
+                flipped,
+            )
+        masks = paste_masks(probs, found, original, roi.mask_thr_binary)
+        return {"boxes": found, "scores": dets[:, 4], "labels": labels, "masks": masks}
 
     def forward(self, pyramid, image_sizes, original_sizes) -> list[dict[str, torch.Tensor]]:
         return self.detect_from_pyramid(pyramid, image_sizes, original_sizes)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..converters.mmdet import detector_heads_kwargs
 from ..data import coco
-from ..detection import TwoStageDetectorHeads
+from ..detection import AugTest, TwoStageDetectorHeads
 from ..predict import DETECTION_SCALE, check_detection_image, detection_batch, padded_detection_size
 from ..weights.fetch import fetch_weights
 from ..weights.read import read_weights
@@ -39,6 +39,9 @@ class Detector(TwoStageDetectorHeads):
     batch or from a backbone pyramid (mmdet's ``simple_test(rescale=True)``). Put the detector in
     eval mode first: the cascade's box heads have BatchNorm.
 
+    ``detect_aug``: the same under a multi-scale flip test, ``aug_test`` by default (upstream's for
+    its HTC++ releases, else None).
+
     ``model_args``: for a registered detector, the keyword arguments that rebuild it through its
     architecture; None for one assembled otherwise.
     """
@@ -53,6 +56,7 @@ class Detector(TwoStageDetectorHeads):
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         test_scale: tuple[int, int] = DETECTION_SCALE,
+        aug_test: Optional[AugTest] = None,
     ):
         super().__init__(neck, rpn_head, roi_head)
         self.backbone = backbone
@@ -63,17 +67,11 @@ class Detector(TwoStageDetectorHeads):
             raise ValueError(f"mean and std must be 3 values each (std positive), got {tuple(mean)} and {tuple(std)}")
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.test_scale = tuple(test_scale)
+        self.aug_test = aug_test
         self.model_args: Optional[dict[str, Any]] = None
 
     def forward(self, images: Images) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4:
-                raise ValueError(
-                    f"images must be a (B, 3, H, W) batch or a list of (3, H, W) images, got shape {tuple(images.shape)}"
-                )
-            images = list(images.unbind(0))
-        elif not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a (B, 3, H, W) tensor or a list of (3, H, W) tensors, got {type(images).__name__}")
+        images = _image_list(images)
         # Padding joins the computation (global and deformable attention see it), and upstream
         # evaluates one image at a time: only images of one padded size share a batch.
         groups: dict[tuple[int, int], list[int]] = {}
@@ -88,6 +86,31 @@ class Detector(TwoStageDetectorHeads):
             )
             for i, result in zip(indices, self.detect(batch.to(parameter.dtype), image_sizes, original_sizes)):
                 results[i] = result
+        return results
+
+    def detect_aug(self, images: Images, aug: Optional[AugTest] = None) -> list[dict[str, torch.Tensor]]:
+        """``detector(images)`` under a multi-scale flip test: ``aug``, by default the detector's
+        ``aug_test`` (for HTC++ upstream's, from its ``_ms`` configs). Each image runs once per view
+        (every scale, mirrored too), one view at a time; see ``detection.test_time_aug`` for how the
+        views' detections merge."""
+        aug = self.aug_test if aug is None else aug
+        if not isinstance(aug, AugTest):
+            raise ValueError("aug: this detector has no multi-scale test of upstream's (its HTC++ releases have one); "
+                             f"pass a vitadapter.detection.AugTest, got {aug!r}")
+        parameter = next(self.parameters())
+        results = []
+        for i, image in enumerate(_image_list(images)):
+            check_detection_image(image, f"images[{i}]")
+            pyramids, sizes, flipped = [], [], []
+            for scale, flip, _ in aug.views():
+                batch, (size,), (original,) = detection_batch([image], self.mean, self.std, scale, parameter.device)
+                if flip:
+                    # mmdet mirrors the resized image, then pads it on the right
+                    batch[..., : size[0], : size[1]] = batch[..., : size[0], : size[1]].flip(-1)
+                pyramids.append(self.backbone(batch.to(parameter.dtype)))
+                sizes.append(size)
+                flipped.append(flip)
+            results.append(self.detect_aug_from_pyramids(pyramids, sizes, flipped, original, aug))
         return results
 
     def detect(
@@ -124,6 +147,16 @@ class Detector(TwoStageDetectorHeads):
         self.backbone.set_grad_checkpointing(enable)
 
 
+def _image_list(images: Images) -> list[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be a (B, 3, H, W) batch or a list of (3, H, W) images, got shape {tuple(images.shape)}")
+        return list(images.unbind(0))
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a (B, 3, H, W) tensor or a list of (3, H, W) tensors, got {type(images).__name__}")
+    return list(images)
+
+
 # ---- registered detectors: COCO releases and their pretrained cfgs -----------------------------------
 
 COCO = dict(num_classes=80, label_names=coco.CLASSES)
@@ -144,10 +177,12 @@ HeadsConfig = Callable[[int, int], Mapping[str, Any]]
 
 
 def create_detector(
-    variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig, head_args: dict[str, Any]
+    variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], heads: HeadsConfig, head_args: dict[str, Any],
+    test_scale: tuple[int, int] = DETECTION_SCALE, aug_test: Optional[AugTest] = None,
 ) -> Detector:
     """A registered detector: the ``backbone`` architecture and the heads of upstream's mmdet config
-    ``heads`` gives for its width and class count, at upstream's COCO test scale.
+    ``heads`` gives for its width and class count, at upstream's COCO ``test_scale`` (and its
+    multi-scale flip test ``aug_test`` where upstream has one).
 
     ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
     ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
@@ -174,7 +209,8 @@ def create_detector(
         net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
         heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
         names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
-        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std)
+        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std,
+                            test_scale=test_scale, aug_test=aug_test)
         # the backbone's own arguments (every one, so that its registered defaults may change) rebuild it
         backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
         detector.model_args = dict(backbone_args, num_classes=num_classes, **head_args)

@@ -740,6 +740,12 @@ default_cfgs = generate_default_cfgs({
         "COCO val box AP 52.1 / mask AP 46.0, Mask R-CNN 3x+MS",
         **_HALF,
     ),
+    # unlike its Mask R-CNN, upstream's AugReg-L HTC++ trains and tests with ImageNet's mean and std
+    "vit_adapter_l_det.augreg_htc_coco": _upstream(
+        "v0.3.1/htc++_augreg_adapter_large_fpn_3x_coco.pth",
+        "detection/configs/htc++/htc++_augreg_adapter_large_fpn_3x_coco.py",
+        "COCO val box AP 56.6 / mask AP 49.0, HTC++ 3x+MS",
+    ),
 })
 
 _T = dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0)
