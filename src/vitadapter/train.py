@@ -28,6 +28,7 @@ from .trainer import (
     DataError,
     InfiniteSampler,
     Log,
+    Recipe,
     build_optimizer,
     check_writable,
     fit,
@@ -39,13 +40,6 @@ from .trainer import (
     read_checkpoint,
     save_file,
 )
-
-
-@dataclass(frozen=True)
-class Recipe:
-    lr: float
-    weight_decay: float
-    layer_decay: float
 
 
 # upstream's configs (AdamW, betas 0.9/0.999, layer-wise decay over the ViT blocks). Its

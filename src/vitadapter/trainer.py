@@ -19,7 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -59,6 +59,15 @@ class DataError(ValueError):
 
 
 # ---- optimizer and schedules --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Upstream's AdamW settings for a model (betas 0.9/0.999; ``layer_decay`` 1 for none)."""
+
+    lr: float
+    weight_decay: float
+    layer_decay: float
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> torch.optim.AdamW:
