@@ -289,6 +289,20 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights_and_log(sc
     one_line_error(capsys, "already holds a run")
 
 
+def test_torchrun_two_cpu_processes(scene, tmp_path):
+    """DDP over gloo, one image per process: both train, rank 0 alone writes."""
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(vitadapter.__file__).parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vitadapter",
+               *argv(scene, run, "--iters", "2", "--batch-size", "1", "--device", "cpu")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch 1 x 2 process(es)" in done.stdout and done.stdout.count("wrote ") == 1
+    assert sorted(p.name for p in run.iterdir()) == ["last.pth", "log.jsonl", "model.pth"]
+    assert torch.load(run / "last.pth", weights_only=True)["world_size"] == 2
+    assert [set(entry) >= TERMS for entry in read_log(run)] == [True, True]
+
+
 # Holds the lock of a run folder, as a train-det run writing into it does, until it is killed.
 LOCK_HOLDER = """
 import sys, time
