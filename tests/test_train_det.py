@@ -19,9 +19,10 @@ from vitadapter.data.detection_transforms import DetectionTrainTransform, flip, 
 from vitadapter.models.detector import Detector
 from vitadapter.trainer import step_schedule
 
-# a small Mask R-CNN: 4 blocks of 48 channels, heads 32 wide (fc 64): a step takes a fraction of a second
+# a small Mask R-CNN: 4 blocks of 48 channels, heads 32 wide (box fc 64): a step takes a fraction of a second
 TINY = dict(embed_dim=48, depth=4, num_heads=3, conv_inplane=16, deform_num_heads=6,
-            interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], window_size=[7, 7, None, 7], neck_channels=32, fc_channels=64)
+            interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], window_size=[7, 7, None, 7], neck_channels=32, box_fc_channels=64,
+            mask_channels=32)
 MODEL = "mask_rcnn_vit_adapter_t"
 TERMS = {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"}
 

@@ -169,10 +169,8 @@ def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[
     ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
     ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
     fine-tuning on other classes). ``pretrained_backbone=True`` starts the backbone from its
-    default tag instead (the ImageNet trunk upstream trains from). ``neck_channels`` (mmdet's FPN
-    ``out_channels``, 256: the RPN's, RoI heads' and mask heads' width too) and ``fc_channels`` (the
-    box heads' ``fc_out_channels``, 1024) make narrower heads than upstream's, e.g. small test
-    models. Other keyword arguments go to the backbone.
+    default tag instead (the ImageNet trunk upstream trains from). Other keyword arguments go to
+    the backbone.
     """
     if kwargs.pop("features_only", False):
         raise ValueError(
@@ -184,17 +182,15 @@ def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[
     cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
     pretrained_backbone = kwargs.pop("pretrained_backbone", False)
 
-    def build(num_classes: int = 80, neck_channels: int = _NECK_CHANNELS, fc_channels: int = _FC_CHANNELS, **backbone_kwargs: Any) -> Detector:
-        for name, value in (("num_classes", num_classes), ("neck_channels", neck_channels), ("fc_channels", fc_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+    def build(num_classes: int = 80, **backbone_kwargs: Any) -> Detector:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         backbone_kwargs.pop("global_pool", None)
         net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
-        heads_kwargs = _narrowed(detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes)), neck_channels, fc_channels)
+        heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
         names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
         detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std)
-        widths = {k: v for k, v in (("neck_channels", neck_channels), ("fc_channels", fc_channels)) if v != _WIDTHS[k]}
-        detector.model_args = dict({k: v for k, v in net.model_args.items() if k != "num_classes"}, num_classes=num_classes, **widths)
+        detector.model_args = dict({k: v for k, v in net.model_args.items() if k != "num_classes"}, num_classes=num_classes)
         if pretrained:
             checkpoint = cfg.state_dict
             if checkpoint is None:
@@ -203,30 +199,3 @@ def create_detector(variant: str, backbone: str, pretrained: bool, kwargs: dict[
         return detector
 
     return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
-
-
-# the widths of mmdet's heads in every upstream config
-_NECK_CHANNELS, _FC_CHANNELS = 256, 1024
-_WIDTHS = {"neck_channels": _NECK_CHANNELS, "fc_channels": _FC_CHANNELS}
-
-
-def _narrowed(heads: dict[str, Any], channels: int, fc_channels: int) -> dict[str, Any]:
-    """``TwoStageDetectorHeads`` arguments with the neck's output (and so every head's input and
-    convolutions) ``channels`` wide and the box heads' fully connected layers ``fc_channels``."""
-    if (channels, fc_channels) == (_NECK_CHANNELS, _FC_CHANNELS):
-        return heads
-    roi = dict(heads["roi_head"])
-
-    def box(head: dict[str, Any]) -> dict[str, Any]:
-        return dict(head, in_channels=channels, fc_out_channels=fc_channels, **({"conv_out_channels": channels} if "conv_out_channels" in head else {}))
-
-    def mask(head: dict[str, Any]) -> dict[str, Any]:
-        return dict(head, in_channels=channels, conv_out_channels=channels)
-
-    for key, narrow in (("bbox_head", box), ("bbox_heads", box), ("mask_head", mask), ("mask_heads", mask)):
-        if isinstance(roi.get(key), list):
-            roi[key] = [narrow(h) for h in roi[key]]
-        elif roi.get(key) is not None:
-            roi[key] = narrow(roi[key])
-    return dict(heads, neck=dict(heads["neck"], out_channels=channels),
-                rpn_head=dict(heads["rpn_head"], in_channels=channels, feat_channels=channels), roi_head=roi)
