@@ -238,15 +238,17 @@ def test_train_det_logs_every_loss_term_and_brings_the_loss_down(scene, tmp_path
         assert entry["loss"] == pytest.approx(sum(entry[k] for k in TERMS))
     first, last = np.mean([e["loss"] for e in log[:5]]), np.mean([e["loss"] for e in log[-5:]])
     assert last < 0.6 * first, (first, last)
-    assert sorted(p.name for p in run.iterdir()) == ["last.pth", "log.jsonl", "model.pth"]
+    assert sorted(p.name for p in run.iterdir()) == ["hub", "last.pth", "log.jsonl", "model.pth"]
 
-    # the final model loads by name with its class count, as a release does
+    # the final model loads from its folder with nothing else to say, and by name with its class count
+    folder = vitadapter.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
+    assert folder.class_names == ("green", "red") and isinstance(folder, Detector)
     saved = torch.load(run / "model.pth", weights_only=True)
     assert saved["meta"]["class_names"] == ["green", "red"] and saved["meta"]["category_ids"] == [3, 7]
     model = vitadapter.create_model(MODEL, pretrained=True, num_classes=2, **TINY,
                                     pretrained_cfg_overlay=dict(file=str(run / "model.pth"), num_classes=2))
-    assert all(torch.equal(value, saved["state_dict"][key]) for key, value in model.state_dict().items())
-    assert isinstance(model, Detector) and model.num_classes == 2
+    for loaded in (model, folder):
+        assert all(torch.equal(value, saved["state_dict"][key]) for key, value in loaded.state_dict().items())
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights_and_log(scene, tmp_path, monkeypatch, capsys):
@@ -298,8 +300,8 @@ def test_torchrun_two_cpu_processes(scene, tmp_path):
                *argv(scene, run, "--iters", "2", "--batch-size", "1", "--device", "cpu")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "batch 1 x 2 process(es)" in done.stdout and done.stdout.count("wrote ") == 1
-    assert sorted(p.name for p in run.iterdir()) == ["last.pth", "log.jsonl", "model.pth"]
+    assert "batch 1 x 2 process(es)" in done.stdout and done.stdout.count("wrote ") == 2  # model.pth and hub, once
+    assert sorted(p.name for p in run.iterdir()) == ["hub", "last.pth", "log.jsonl", "model.pth"]
     assert torch.load(run / "last.pth", weights_only=True)["world_size"] == 2
     assert [set(entry) >= TERMS for entry in read_log(run)] == [True, True]
 

@@ -6,7 +6,9 @@ multi-scale resize or resize-crop-resize, crop to 1024, normalise, pad to 32); t
 ``forward_train`` (``Detector.loss``: RPN and per-stage assignment, sampling, box and mask losses);
 AdamW with upstream's lr, weight decay and layer-wise decay for the model; mmdet's 1x or 3x step
 schedule (or poly) after a linear warm-up of 500 iterations from 0.001. ``RUN_DIR/last.pth`` makes a
-run resumable bit for bit; ``RUN_DIR/model.pth`` is the final model with the class names in its meta.
+run resumable bit for bit; ``RUN_DIR/model.pth`` is the final model with the class names in its meta,
+``RUN_DIR/hub`` the same as a ``save_pretrained`` folder (``create_model("local-dir:RUN_DIR/hub",
+pretrained=True)``, ``detect --weights``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ._factory import create_model
 from .data.coco_instances import MIN_SIZE, CocoInstances
 from .data.detection_transforms import SCALES, DetectionTrainTransform
 from .models.checkpoints import load_detector_checkpoint
+from .hub import save_pretrained
 from .models.detector import Detector
 from .trainer import (
     CHECKPOINT,
@@ -44,6 +47,8 @@ from .trainer import (
     step_schedule,
 )
 
+# the run's final model as a Hub folder: create_model("local-dir:RUN_DIR/hub", pretrained=True)
+HUB = "hub"
 # mmdet's step schedules: epochs, and the epochs after which the lr drops tenfold
 SCHEDULES = {"1x": (12, (8, 11)), "3x": (36, (27, 33))}
 # mmcv's linear warm-up of every upstream detection config
@@ -157,6 +162,8 @@ def _run(options: DetTrainOptions, rank: int, world: int, device: torch.device) 
     if rank == 0:
         save_model(run_dir / FINAL, detector, options, data)
         log.finish(run_dir / FINAL)
+        save_pretrained(detector, run_dir / HUB)
+        log.finish(run_dir / HUB)
     return run_dir / FINAL
 
 
