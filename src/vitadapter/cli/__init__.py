@@ -16,14 +16,14 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import convert, detect, eval_det, eval_seg, export_onnx, features, listing, push, segment, train_seg
+from . import convert, detect, eval_det, eval_seg, export_onnx, features, listing, push, segment, train_det, train_seg
 from ._common import DEBUG_ENV, add_debug, one_line
 
 # Errors whose message says all a user needs (a bad file, name, option, no network); other types
 # are bugs and say so.
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
 # the order of `vitadapter --help`
-_COMMANDS = (listing, features, segment, eval_seg, detect, eval_det, convert, train_seg, push, export_onnx)
+_COMMANDS = (listing, features, segment, eval_seg, detect, eval_det, convert, train_seg, train_det, push, export_onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from torch import nn
 from ..converters.mmdet import detector_heads_kwargs
 from ..data import coco
 from ..detection import AugTest, TwoStageDetectorHeads
+from ..detection.training import DetectorTraining, detector_losses
 from ..predict import DETECTION_SCALE, check_detection_image, detection_batch, padded_detection_size
 from ..weights.fetch import fetch_weights
 from ..weights.read import read_weights
@@ -128,6 +129,24 @@ class Detector(TwoStageDetectorHeads):
         if images.shape[0] == 0:
             return self.detect_from_pyramid([], image_sizes, original_sizes)
         return self.detect_from_pyramid(self.backbone(images), image_sizes, original_sizes)
+
+    def loss(
+        self,
+        images: torch.Tensor,
+        image_sizes: Sequence[Sequence[int]],
+        targets: Sequence[Mapping[str, torch.Tensor]],
+        training: Optional[DetectorTraining] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training losses (mmdet's ``forward_train``) of a normalised, padded (B, 3, H, W) batch: the
+        named terms of ``detection.training.detector_losses`` (``loss_rpn_cls``, ``loss_rpn_bbox``,
+        ``loss_cls``, ``loss_bbox``, ``loss_mask``; ``s{k}.`` per cascade stage), whose sum is the loss.
+        ``image_sizes`` and ``targets`` as there; ``training`` defaults to upstream's recipe for these
+        heads; ``generator`` drives the samplers (default: torch's global RNG)."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a normalised, padded (B, 3, H, W) batch, got {shape}")
+        return detector_losses(self, self.backbone(images), image_sizes, targets, training, generator)
 
     def dense_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The part of the computation fixed by the image size (backbone, neck, RPN maps): what the
