@@ -225,7 +225,14 @@ def test_a_truncated_image_in_a_worker_is_one_line_naming_it(shapes, tmp_path, c
 UNPRIVILEGED = """
 import os, sys
 import vitadapter.train  # what the run imports, while the files are readable
+from vitadapter import catalog
 from vitadapter.cli import main
+# the installed package may sit where nobody cannot read (a venv under /root): the catalog too is read
+# now, while it can be
+entries = catalog.load()
+catalog.load = lambda: entries
+from PIL import Image
+Image.init()  # Pillow imports its format plugins on first use
 if os.getuid() == 0:  # root writes anywhere: drop to nobody
     os.setgid(65534); os.setuid(65534)
 sys.exit(main(sys.argv[1:]))
