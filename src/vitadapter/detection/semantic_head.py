@@ -63,6 +63,19 @@ class FusedSemanticHead(nn.Module):
             x = conv(x)
         return self.conv_logits(x), self.conv_embedding(x)
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """mmdet's ``FusedSemanticHead.loss`` (``CrossEntropyLoss(ignore_index=...)``, before its weight):
+        softmax cross-entropy of ``logits`` (B, classes, h, w) against ``labels`` (B, h, w), summed over
+        the labelled pixels and divided by ALL pixels, ignored ones included (mmdet's default
+        ``avg_non_ignore=False``)."""
+        if labels.shape != logits.shape[:1] + logits.shape[2:]:
+            raise ValueError(f"labels must be (B, h, w) = {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(labels.shape)}")
+        labelled = labels != ignore_index
+        if labelled.any() and (labels[labelled].min() < 0 or labels[labelled].max() >= logits.shape[1]):
+            raise ValueError(f"labels must be class indices in [0, {logits.shape[1]}) or {ignore_index} (ignored)")
+        per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+        return per_pixel.sum() / max(labels.numel(), 1)
+
 
 def fuse_semantic(
     roi_feats: torch.Tensor,
