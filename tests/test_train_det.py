@@ -370,3 +370,30 @@ def test_bad_data_is_named_in_one_line_before_training(scene, tmp_path, capsys):
     assert main(argv(scene, run, "--scales", "96,x")) == 2
     one_line_error(capsys, "--scales 96,x")
     assert not run.exists()
+
+
+# HTC++ shrunk: a 4-block BEiT trunk 64 wide (the ExtraAttention neck's 32 heads must divide it), heads 32 wide
+HTC_TINY = dict(trunk_kwargs=dict(embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, qkv_bias=True, init_values=1e-6,
+                                  use_abs_pos_emb=False, use_rel_pos_bias=True, img_size=224),
+                conv_inplane=16, deform_num_heads=4, interaction_indexes=[[0, 0], [1, 1], [2, 2], [3, 3]], window_size=[7, 7, None, 7],
+                neck_channels=32, box_fc_channels=64, mask_channels=32, box_conv_channels=32)
+HTC_TERMS = {"loss_rpn_cls", "loss_rpn_bbox"} | {f"s{k}.{t}" for k in range(3) for t in ("loss_cls", "loss_bbox", "loss_mask")}
+
+
+def test_train_det_fine_tunes_htc_with_upstreams_recipe(scene, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = argv(scene, run, "--iters", "3", "--save-every", "3")
+    args[args.index("--model") + 1] = "htc_beit_adapter_l"
+    args[args.index("--model-kwargs") + 1] = json.dumps(HTC_TINY)
+    args.remove("--lr"), args.remove("1e-3")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # upstream's htc++ config: AdamW 1e-4, weight decay 0.05, layer decay 0.9, the 3x schedule
+    assert "htc_beit_adapter_l, 3 images, 2 classes" in out and "(3x schedule), lr 0.0001, weight decay 0.05, layer decay 0.9" in out
+    log = read_log(run)
+    assert [entry["iteration"] for entry in log] == [1, 2, 3]
+    # a COCO instances file has no semantic maps: no semantic loss
+    assert all(set(entry) == HTC_TERMS | {"iteration", "loss", "lr"} and np.isfinite(entry["loss"]) for entry in log)
+    folder = vitadapter.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
+    saved = torch.load(run / "model.pth", weights_only=True)
+    assert all(torch.equal(value, saved["state_dict"][key]) for key, value in folder.state_dict().items())

@@ -1,9 +1,10 @@
-"""Fine-tuning a detector (Mask R-CNN, Cascade Mask R-CNN) on a COCO-format folder with upstream's
+"""Fine-tuning a detector (Mask R-CNN, Cascade Mask R-CNN, HTC++) on a COCO-format folder with upstream's
 recipe, in plain PyTorch, through the loop ``train-seg`` uses (``vitadapter.trainer``).
 
 Each sample goes through upstream's 3x augmentation (``data.detection_transforms``: flip,
 multi-scale resize or resize-crop-resize, crop to 1024, normalise, pad to 32); the loss is mmdet's
-``forward_train`` (``Detector.loss``: RPN and per-stage assignment, sampling, box and mask losses);
+``forward_train`` (``Detector.loss``: RPN and per-stage assignment, sampling, box and mask losses;
+HTC++'s semantic loss only where the data has semantic maps, which a COCO instances file has not);
 AdamW with upstream's lr, weight decay and layer-wise decay for the model; mmdet's 1x or 3x step
 schedule (or poly) after a linear warm-up of 500 iterations from 0.001. ``RUN_DIR/last.pth`` makes a
 run resumable bit for bit; ``RUN_DIR/model.pth`` is the final model with the class names in its meta,
@@ -69,6 +70,11 @@ RECIPES = {
     "mask_rcnn_dinov2_adapter_l": Recipe(1e-4, 0.05, 0.80),
     "cascade_mask_rcnn_vit_adapter_s": Recipe(1e-4, 0.05, 1.0),
     "cascade_mask_rcnn_vit_adapter_b": Recipe(1e-4, 0.05, 1.0),
+    # detection/configs/htc++: layer decay 0.9 over 24 layers (0.8 for the Objects365 recipe)
+    "htc_augreg_adapter_l": Recipe(1e-4, 0.05, 0.90),
+    "htc_beit_adapter_l": Recipe(1e-4, 0.05, 0.90),
+    "htc_beitv2_adapter_l": Recipe(1e-4, 0.05, 0.90),
+    "htc_beitv2_adapter_l_gn": Recipe(1e-4, 0.05, 0.80),
 }
 _FALLBACK = RECIPES["mask_rcnn_vit_adapter_b"]
 

@@ -1,4 +1,4 @@
-"""``vitadapter train-det``: fine-tune a detector (Mask R-CNN, Cascade Mask R-CNN) on a COCO-format
+"""``vitadapter train-det``: fine-tune a detector (Mask R-CNN, Cascade Mask R-CNN, HTC++) on a COCO-format
 folder with upstream's recipe; every option is checked before torch loads, the annotation file read
 (a missing image or an unknown image or category is named), then ``vitadapter.train_det`` runs."""
 from __future__ import annotations

@@ -10,7 +10,7 @@ fit 1600 x 1400.
 The BEiTv2-L release pre-trained on Objects365 then fine-tuned on COCO is its own architecture,
 ``htc_beitv2_adapter_l_gn``: its FPN has GroupNorm (32 groups) and its box heads BatchNorm, and it
 is tested at 2000 x 1000. ``pretrained``, ``num_classes``, ``pretrained_backbone`` and backbone
-keyword arguments as in ``mask_rcnn``. Every entry also carries upstream's multi-scale flip test
+keyword arguments as in ``mask_rcnn``, head widths as in ``cascade_rcnn``. Every entry also carries upstream's multi-scale flip test
 (its ``_ms`` configs), which ``Detector.detect_aug`` runs.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..detection import AugTest
 from .detector import Detector, coco_release, create_detector
-from .mask_rcnn import _box_head, _extractor, mask_rcnn_config
+from .cascade_rcnn import CASCADE_HEAD_WIDTHS
+from .mask_rcnn import _box_head, _extractor, head_widths, mask_rcnn_config
 
 _CONFIGS = "detection/configs/htc++/{}.py"
 # upstream's single-scale test scales (mmdet img_scale) and the padded batch the largest image becomes
@@ -70,27 +71,32 @@ def _aug_test(long_side: int) -> AugTest:
 _STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
 
-def htc_config(width: int, num_classes: int, drop_path: float = 0.3, max_per_img: int = 100, o365: bool = False) -> dict[str, Any]:
+def htc_config(width: int, num_classes: int, drop_path: float = 0.3, max_per_img: int = 100, o365: bool = False,
+               neck_channels: int = 256, box_fc_channels: int = 1024, mask_channels: int = 256, box_conv_channels: int = 256) -> dict[str, Any]:
     """Upstream's HTC++ ``model`` dict without its backbone. ``drop_path``: the ExtraAttention neck's;
     ``max_per_img``: the test's detections per image (300 in the AugReg-L config, 100 in the others);
-    ``o365``: the Objects365 recipe's GroupNorm FPN and BatchNorm box heads."""
-    base = mask_rcnn_config(width, num_classes, kind="HybridTaskCascade")
+    ``o365``: the Objects365 recipe's GroupNorm FPN and BatchNorm box heads. The head widths as the
+    cascade's (``CASCADE_HEAD_WIDTHS``); the semantic branch is as wide as the neck, whose RoI
+    features its own are added to."""
+    base = mask_rcnn_config(width, num_classes, kind="HybridTaskCascade", neck_channels=neck_channels)
+    channels = neck_channels
     fpn = dict(base["neck"], norm_cfg=dict(type="GN", num_groups=32)) if o365 else base["neck"]
     box_norm = dict(norm_cfg=dict(type="SyncBN", requires_grad=True), reg_decoded_bbox=True) if o365 else {}
-    mask_heads = [dict(type="HTCMaskHead", with_conv_res=k > 0, num_convs=4, in_channels=256, conv_out_channels=256,
+    mask_heads = [dict(type="HTCMaskHead", with_conv_res=k > 0, num_convs=4, in_channels=channels, conv_out_channels=mask_channels,
                        num_classes=num_classes) for k in range(3)]
     return dict(
         base,
         neck=[dict(type="ExtraAttention", in_channels=[width] * 4, num_head=32, with_ffn=True, ffn_ratio=4.0, drop_path=drop_path), fpn],
         roi_head=dict(
             type="HybridTaskCascadeRoIHead", interleaved=True, mask_info_flow=True, num_stages=3,
-            stage_loss_weights=[1, 0.5, 0.25], bbox_roi_extractor=_extractor(7, 256), mask_roi_extractor=_extractor(14, 256),
-            bbox_head=[dict(_box_head(num_classes, stds, type="Shared4Conv1FCBBoxHead", **box_norm), reg_class_agnostic=True)
+            stage_loss_weights=[1, 0.5, 0.25], bbox_roi_extractor=_extractor(7, channels), mask_roi_extractor=_extractor(14, channels),
+            bbox_head=[dict(_box_head(num_classes, stds, channels, box_fc_channels, type="Shared4Conv1FCBBoxHead",
+                                      conv_out_channels=box_conv_channels, **box_norm), reg_class_agnostic=True)
                        for stds in _STAGE_STDS],
             mask_head=mask_heads,
-            semantic_roi_extractor=dict(_extractor(14, 256), featmap_strides=[8]),
-            semantic_head=dict(type="FusedSemanticHead", num_ins=5, fusion_level=1, num_convs=4, in_channels=256,
-                               conv_out_channels=256, num_classes=183),
+            semantic_roi_extractor=dict(_extractor(14, channels), featmap_strides=[8]),
+            semantic_head=dict(type="FusedSemanticHead", num_ins=5, fusion_level=1, num_convs=4, in_channels=channels,
+                               conv_out_channels=channels, num_classes=183),
         ),
         test_cfg=dict(
             base["test_cfg"],
@@ -101,8 +107,9 @@ def htc_config(width: int, num_classes: int, drop_path: float = 0.3, max_per_img
 
 def _create(variant: str, backbone: str, pretrained: bool, kwargs: dict[str, Any], aug_long_side: int = 3000,
             **config: Any) -> Detector:
-    return create_detector(variant, backbone, pretrained, kwargs, lambda width, classes: htc_config(width, classes, **config),
-                           {}, test_scale=_SCALE_O365 if config.get("o365") else _SCALE, aug_test=_aug_test(aug_long_side))
+    widths = head_widths(kwargs, CASCADE_HEAD_WIDTHS)
+    return create_detector(variant, backbone, pretrained, kwargs, lambda width, classes: htc_config(width, classes, **config, **widths),
+                           widths, test_scale=_SCALE_O365 if config.get("o365") else _SCALE, aug_test=_aug_test(aug_long_side))
 
 
 @register_model
