@@ -39,11 +39,11 @@ import triton.language as tl
 # and spills an index across the levels loop (tests/test_msda_sass.py checks both). The backward
 # runs with ``maxnreg`` 255: left alone, ptxas stops it at 128 registers and spills a few values.
 # One forward form differs: at head dim 16 a 16-bit value row is a single 256-bit line, so a share
-# of 16 is two queries' rows per thread, and with 8 points ptxas, hoisting every corner gather of
-# the unrolled points, runs out of registers on sm_80 and spills; there a thread takes one query
-# (a share of 8, still a 128-bit gather per corner) under ``maxnreg`` 255: left alone, ptxas picks
-# fewer registers for that shorter body and spills an index again, and under a limit of 128 it fills
-# the limit and spills on sm_90; with 255 it settles near 180 on both targets.
+# of 16 is two queries' rows per thread, and with 8 points that spills on sm_80 even with all 255
+# registers; there a thread takes one query (a share of 8, still a 128-bit gather per corner) under
+# ``maxnreg`` 255: left alone, ptxas picks fewer registers for that shorter body and spills again,
+# and under a limit of 128 it fills the limit and spills on sm_90; with 255 it settles near 180 on
+# both targets.
 # Two configs meet each share at every head dim up to 128 (one tile, four or eight warps); on a GPU
 # autotune times both, per key; in Triton's interpreter and without a GPU there is nothing to time
 # and the first is taken.

@@ -6,8 +6,8 @@ time), and the fused float16/bfloat16 form at head dim 16 with 8 points (the one
 forward takes its own launch config, see kernels/msda.py), are compiled through the op's
 registered entry points by ``vitadapter.kernels.sass`` and their machine code read: none may spill
 registers to local memory, and the value rows must be gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
-is single-threaded): 80 kernels, ~100 CPU-seconds cold (140 s wall measured on two cores shared
-with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
+is single-threaded): 80 kernels; the 64 of the models' variants take ~90 CPU-seconds cold (140 s
+wall measured on two cores shared with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
 16 to 128, 8 points: 360 kernels, ~12 CPU-minutes) is ``python -m vitadapter.kernels.sass --arch
 80|90``, whose result MODEL_CARD records.
 """
