@@ -38,10 +38,17 @@ import triton.language as tl
 # pieces narrower than 128 bits, or ptxas, left to pick the forward's register count, keeps it low
 # and spills an index across the levels loop (tests/test_msda_sass.py checks both). The backward
 # runs with ``maxnreg`` 255: left alone, ptxas stops it at 128 registers and spills a few values.
-# Two configs meet that share at every head dim up to 128 (one tile, four or eight warps); on a GPU
+# One forward form differs: at head dim 16 a 16-bit value row is a single 256-bit line, so a share
+# of 16 is two queries' rows per thread, and with 8 points that spills on sm_80 even with all 255
+# registers; there a thread takes one query (a share of 8, still a 128-bit gather per corner) under
+# ``maxnreg`` 255: left alone, ptxas picks fewer registers for that shorter body and spills again,
+# and under a limit of 128 it fills the limit and spills on sm_90; with 255 it settles near 180 on
+# both targets.
+# Two configs meet each share at every head dim up to 128 (one tile, four or eight warps); on a GPU
 # autotune times both, per key; in Triton's interpreter and without a GPU there is nothing to time
 # and the first is taken.
 _ELEMENTS_PER_THREAD = {"forward": 16, "backward": 4}
+_NARROW_ROW_FORWARD = dict(elements=8, maxnreg=255)  # the forward at head dim 16, 16-bit dtypes
 _SHAPES = {  # (BLOCK_Q, num_warps)
     "forward": ((256, 8), (128, 8), (128, 4), (64, 8), (64, 4), (32, 8), (32, 4), (16, 4)),
     "backward": ((64, 8), (32, 8), (32, 4), (16, 8), (16, 4), (8, 8), (8, 4)),
@@ -53,16 +60,24 @@ _TUNE_KEY = ["head_dim", "num_levels", "POINTS", "FUSED", "query_bucket"]
 
 def _tuning(kernel: str) -> dict:
     """Autotune arguments for ``kernel``: its configs, pruned to those of the right share per thread
-    at the launch's head dim (beyond head dim 128 or so, the smallest tile)."""
+    and register limit at the launch's head dim and dtype (beyond head dim 128 or so, the smallest
+    tile)."""
+    forms = [(_ELEMENTS_PER_THREAD[kernel], _REGISTER_LIMIT[kernel])]
+    if kernel == "forward":
+        forms.append((_NARROW_ROW_FORWARD["elements"], _NARROW_ROW_FORWARD["maxnreg"]))
 
     def prune(configs, named_args, **kwargs):
-        fitting = [c for c in configs
-                   if c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == _ELEMENTS_PER_THREAD[kernel] * 32 * c.num_warps]
-        fitting = fitting or configs[-1:]
+        share, limit = forms[0]
+        if kernel == "forward" and kwargs["BLOCK_D"] == 16 and named_args["value_ptr"].element_size() == 2:
+            share, limit = forms[1]
+        fitting = [c for c in configs if c.maxnreg == limit
+                   and c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == share * 32 * c.num_warps]
+        fitting = fitting or [c for c in configs if c.maxnreg == limit][-1:]
         on_gpu = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         return fitting[:2] if on_gpu else fitting[:1]
 
-    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=_REGISTER_LIMIT[kernel]) for q, w in _SHAPES[kernel]]
+    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=limit)
+               for _, limit in forms for q, w in _SHAPES[kernel]]
     return dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 

@@ -2,11 +2,12 @@
 
 The variants the registered models launch (forward and backward, plain and fused, float32 and
 bfloat16, head dims 32 and 64, 4 points, one or more levels, every autotune config a GPU would
-time) are compiled through the op's registered entry points by ``vitadapter.kernels.sass`` and
-their machine code read: none may spill registers to local memory, and the value rows must be
-gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
-is single-threaded): 64 kernels, ~90 CPU-seconds cold (140 s wall measured on two cores shared
-with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
+time), and the fused float16/bfloat16 form at head dim 16 with 8 points (the one form whose
+forward takes its own launch config, see kernels/msda.py), are compiled through the op's
+registered entry points by ``vitadapter.kernels.sass`` and their machine code read: none may spill
+registers to local memory, and the value rows must be gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
+is single-threaded): 80 kernels; the 64 of the models' variants take ~90 CPU-seconds cold (140 s
+wall measured on two cores shared with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
 16 to 128, 8 points: 360 kernels, ~12 CPU-minutes) is ``python -m vitadapter.kernels.sass --arch
 80|90``, whose result MODEL_CARD records.
 """
@@ -24,7 +25,10 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
                                 reason="this Triton wheel ships no NVIDIA toolchain")
 
-MATRIX = dict(dtypes=("float32", "bfloat16"), head_dims=(32, 64), points=(4,))
+MATRICES = (
+    dict(dtypes=("float32", "bfloat16"), head_dims=(32, 64), points=(4,), forms=("plain", "fused")),
+    dict(dtypes=("float16", "bfloat16"), head_dims=(16,), points=(8,), forms=("fused",)),
+)
 # bits per gather instruction that a value row of each dtype must get at least
 GATHER_BITS = {"float32": 128, "float16": 64, "bfloat16": 64}
 ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -32,11 +36,14 @@ ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 def compile_arch(arch: int) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [f"--{name.replace('_', '-')}={','.join(map(str, values))}" for name, values in MATRIX.items()]
-    done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json", *args],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    reports = []
+    for matrix in MATRICES:
+        args = [f"--{name.replace('_', '-')}={','.join(map(str, values))}" for name, values in matrix.items()]
+        done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json", *args],
+                              capture_output=True, text=True, env=env, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports += json.loads(done.stdout)
+    return reports
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,9 @@ def test_every_variant_compiles_for_both_targets(reports, capsys):
 
     with capsys.disabled():  # CI's log keeps the table: a regression in registers or instructions shows
         print("\n" + sass.table([sass.Report(**r) for r in reports]))
-    for variant in itertools.product((80, 90), MATRIX["dtypes"], MATRIX["head_dims"], MATRIX["points"],
-                                     ("plain", "fused")):
+    variants = [v for m in MATRICES
+                for v in itertools.product((80, 90), m["dtypes"], m["head_dims"], m["points"], m["forms"])]
+    for variant in variants:
         kernels = {r["kernel"] for r in reports
                    if (r["arch"], r["dtype"], r["head_dim"], r["points"], r["form"]) == variant}
         assert kernels == {"forward", "backward"}, variant
