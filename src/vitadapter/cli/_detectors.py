@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from ._common import DEFAULT_DETECTOR, UsageError, check_model_name, check_weights_file, one_line, positive_int
 from ._models import pretrained_model

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import catalog
-from ._common import UsageError, check_model_name, check_weights_file, json_object, positive_int, subcommand, torch_device
+from ._common import UsageError, check_model_name, positive_int, subcommand, torch_device
+from ._training import add_run_options, add_start_options, check_run_args
 
 
 def add_commands(sub: Any) -> None:
@@ -18,56 +19,22 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--ann", required=True, metavar="FILE", help="COCO instances JSON (images, annotations, categories)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for last.pth (resumable), model.pth and log.jsonl")
     p.add_argument("--num-classes", type=positive_int, help="classes to predict (default: the annotation file's categories)")
-    start = p.add_mutually_exclusive_group()
-    start.add_argument("--weights", metavar="FILE", help="start from a whole detector checkpoint (class-specific layers fresh if the classes differ)")
-    start.add_argument("--random-init", action="store_true", help="random weights (default: the backbone's ImageNet trunk; downloads once)")
-    p.add_argument("--model-kwargs", metavar="JSON", help='extra create_model arguments, e.g. \'{"drop_path_rate": 0.2}\'')
+    add_start_options(p, "start from a whole detector checkpoint (class-specific layers fresh if the classes differ)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per process and step (default: %(default)s)")
     p.add_argument("--iters", type=positive_int, help="iterations (default: the schedule's 12 or 36 epochs over the data)")
     p.add_argument("--schedule", choices=("1x", "3x", "poly"),
                    help="lr steps tenfold at epochs 8, 11 of 12 (1x) or 27, 33 of 36 (3x), or poly decay (default: the release's, 3x)")
     p.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up iterations from 0.001 of the lr (default: %(default)s)")
-    p.add_argument("--lr", type=float, help="base learning rate (default: upstream's for the model)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: upstream's for the model)")
-    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay rate (default: upstream's for the model)")
     p.add_argument("--scales", metavar="S,S,...", help="short sides of the multi-scale resize (default: 480,512,...,800, upstream's)")
     p.add_argument("--max-size", type=positive_int, default=1333, help="long side limit of the resize (default: %(default)s)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA (the CPU always trains in fp32)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per training process (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order, augmentation and sampling (default: %(default)s)")
-    p.add_argument("--save-every", type=positive_int, default=1000, help="write last.pth every N iterations (default: %(default)s)")
-    p.add_argument("--log-every", type=positive_int, default=50, help="print the mean losses every N iterations (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available; torchrun: each process's GPU)")
+    add_run_options(p, workers=2)
     p.set_defaults(run=train_det)
 
 
 def train_det(args: argparse.Namespace) -> int:
     _check_detector_name(args.model)
-    if "." in args.model and (args.weights is not None or args.random_init):
-        option = "--weights" if args.weights is not None else "--random-init"
-        raise UsageError(f"--model {args.model} starts from that release; {option} needs the bare name {args.model.partition('.')[0]}")
-    if args.weights is not None:
-        check_weights_file(args.weights, "--weights")
-    for option, value, valid, expected in (
-        ("--lr", args.lr, lambda v: v > 0, "a positive learning rate"),
-        ("--weight-decay", args.weight_decay, lambda v: v >= 0, "a weight decay >= 0"),
-        ("--layer-decay", args.layer_decay, lambda v: 0 < v <= 1, "a rate in (0, 1]"),
-        ("--warmup-iters", args.warmup_iters, lambda v: v >= 0, "a count >= 0"),
-        ("--workers", args.workers, lambda v: v >= 0, "a count >= 0"),
-    ):
-        if value is not None and not valid(value):
-            raise UsageError(f"{option} {value}: expected {expected}")
+    model_kwargs = check_run_args(args)
     scales = _scales(args.scales)
-    model_kwargs = json_object(args.model_kwargs, "--model-kwargs")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: it names the run's folder")
-    if args.resume and not (out / "last.pth").is_file():
-        raise UsageError(f"--resume: no last.pth in {out} to continue from")
-    if not args.resume and (out / "last.pth").exists():
-        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or pick another folder")
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data}: no such folder")
     if not Path(args.ann).is_file():
