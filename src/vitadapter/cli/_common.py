@@ -163,3 +163,22 @@ def torch_device(name: str) -> "torch.device":
     if found.type == "meta":
         raise UsageError(f"--device {name}: the meta device holds shapes, not values, so nothing can run on it; try --device cpu")
     return found
+
+
+def check_task_model_options(args: Any, default: str, kind: str) -> None:
+    """``--model`` and ``--weights`` of a command that runs a ``kind`` of task model ("segmentor",
+    "detector"), checked before torch loads. A folder of weights (``save_pretrained``, ``vitadapter
+    convert``) brings its own model: ``--model`` becomes ``local-dir:FOLDER``; else ``default``."""
+    if args.weights is not None and Path(args.weights).is_dir():
+        folder = Path(args.weights)
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"--weights {folder}: a folder of weights holds config.json and model.safetensors "
+                             "(written by vitadapter.save_pretrained or vitadapter convert); this one has no config.json")
+        if args.model is not None:
+            raise UsageError(f"--weights {folder} holds its own model (config.json): leave out --model {args.model}")
+        args.model = f"local-dir:{folder}"
+        return
+    args.model = args.model or default
+    check_model_name(args.model, "--model", kind=kind)
+    if args.weights is not None:
+        check_weights_file(args.weights, "--weights")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ._common import DEFAULT_DETECTOR, UsageError, check_model_name, check_weights_file, one_line, positive_int
+from ._common import DEFAULT_DETECTOR, UsageError, check_task_model_options, one_line, positive_int
 from ._models import pretrained_model
 
 if TYPE_CHECKING:
@@ -55,19 +55,7 @@ def check_detector_options(args: argparse.Namespace) -> None:
     weights brings its own model: ``--model`` becomes ``local-dir:FOLDER``."""
     if args.aug and args.size is not None:
         raise UsageError("--aug runs upstream's own scales: leave out --size")
-    if args.weights is not None and Path(args.weights).is_dir():
-        folder = Path(args.weights)
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"--weights {folder}: a folder of weights holds config.json and model.safetensors "
-                             "(written by vitadapter.save_pretrained or vitadapter convert); this one has no config.json")
-        if args.model is not None:
-            raise UsageError(f"--weights {folder} holds its own model (config.json): leave out --model {args.model}")
-        args.model = f"local-dir:{folder}"
-        return
-    args.model = args.model or DEFAULT_DETECTOR
-    check_model_name(args.model, "--model", kind="detector")
-    if args.weights is not None:
-        check_weights_file(args.weights, "--weights")
+    check_task_model_options(args, DEFAULT_DETECTOR, "detector")
 
 
 def detector_model(args: argparse.Namespace, device: "torch.device", fall_back: bool) -> tuple["torch.nn.Module", Optional[str]]:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ._common import DEFAULT_SEGMENTOR, UsageError, check_model_name, check_weights_file, one_line, size_option
+from ._common import DEFAULT_SEGMENTOR, UsageError, check_task_model_options, one_line, size_option
 from ._models import pretrained_model
 
 if TYPE_CHECKING:
@@ -31,19 +31,7 @@ def check_segmentor_options(args: argparse.Namespace) -> None:
     """``--model`` and ``--weights`` of segment and eval-seg, checked before torch loads. A folder of
     weights (``save_pretrained``, ``vitadapter convert``) brings its own model: ``--model`` becomes
     ``local-dir:FOLDER``."""
-    if args.weights is not None and Path(args.weights).is_dir():
-        folder = Path(args.weights)
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"--weights {folder}: a folder of weights holds config.json and model.safetensors "
-                             "(written by vitadapter.save_pretrained or vitadapter convert); this one has no config.json")
-        if args.model is not None:
-            raise UsageError(f"--weights {folder} holds its own model (config.json): leave out --model {args.model}")
-        args.model = f"local-dir:{folder}"
-        return
-    args.model = args.model or DEFAULT_SEGMENTOR
-    check_model_name(args.model, "--model", kind="segmentor")
-    if args.weights is not None:
-        check_weights_file(args.weights, "--weights")
+    check_task_model_options(args, DEFAULT_SEGMENTOR, "segmentor")
 
 
 def segmentor_model(args: argparse.Namespace, device: "torch.device", fall_back: bool) -> tuple["torch.nn.Module", Optional[str]]:
