@@ -197,6 +197,6 @@ def test_aug_is_refused_where_upstream_has_none(tmp_path, capsys, monkeypatch):
     (tmp_path / "val").mkdir()
     assert main(["eval-det", "--data", "val", "--ann", "r.json", "--results", "r.json", "--aug"]) == 2
     one_line_error(capsys, "leave out --aug")
-    monkeypatch.setattr("vitadapter.cli._detectors.pretrained_model", lambda name: (vitadapter.create_model(name), None))
+    monkeypatch.setattr("vitadapter.cli._models.pretrained_model", lambda name: (vitadapter.create_model(name), None))
     assert main(["detect", "--aug", "--model", "mask_rcnn_vit_adapter_t", "--device", "cpu"]) == 2
     one_line_error(capsys, "HTC++ detectors only", "mask_rcnn_vit_adapter_t")

@@ -3,12 +3,11 @@ scale asked for), and COCO's category ids of its labels."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ._common import DEFAULT_DETECTOR, UsageError, check_task_model_options, one_line, positive_int
-from ._models import pretrained_model
+from ._common import DEFAULT_DETECTOR, UsageError, check_task_model_options, positive_int
+from ._models import released_or_random
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +62,7 @@ def detector_model(args: argparse.Namespace, device: "torch.device", fall_back: 
     from: ``--weights FOLDER`` (the folder's model), ``--weights FILE`` (built for the file's class
     count), else the name's weights; with ``fall_back``, weights that cannot be had are reported in
     one line and the model runs on random weights (None)."""
-    import torch  # lazy: startup time
-
-    from .. import create_model
+    from .. import create_model  # lazy: startup time
 
     if args.weights is not None and Path(args.weights).is_dir():
         model = create_model(args.model, pretrained=True)
@@ -82,14 +79,7 @@ def detector_model(args: argparse.Namespace, device: "torch.device", fall_back: 
         load_detector_checkpoint(model, checkpoint)
         weights = args.weights
     else:
-        try:
-            model, weights = pretrained_model(args.model)
-        except OSError as e:
-            if not fall_back:
-                raise
-            print(f"vitadapter: {one_line(e)}; running on random weights instead", file=sys.stderr)
-            torch.manual_seed(0)
-            model, weights = create_model(args.model), None
+        model, weights = released_or_random(args.model, fall_back)
         _check_detector(model, args.model)
     model.test_scale = test_scale(model.test_scale, args.size)
     if args.aug and model.aug_test is None:

@@ -105,3 +105,20 @@ def _root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     return error
+
+
+def released_or_random(name: str, fall_back: bool) -> tuple["torch.nn.Module", Optional[str]]:
+    """``pretrained_model(name)``; where its weights cannot be had and ``fall_back``, random weights
+    (seed 0) with a one-line notice on stderr, and None for where they came from."""
+    try:
+        return pretrained_model(name)
+    except OSError as e:
+        if not fall_back:
+            raise
+        import torch  # lazy: startup time
+
+        from .. import create_model
+
+        print(f"vitadapter: {one_line(e)}; running on random weights instead", file=sys.stderr)
+        torch.manual_seed(0)
+        return create_model(name), None
