@@ -9,8 +9,9 @@ Part 2, the whole ``vit_adapter_b`` forward+backward at 512x512, batch 2, bf16 a
 Part 0 (no GPU needed), the bytes and instructions model: for each model's real shapes the bytes
 one call must move at the least (every input read once, every output written once; the backward's
 float32 grad_value buffer zeroed, written back once and read for the cast) and the SASS instructions
-the kernels issue per sample-corner (warp instructions of the level loop, times warps, over the
-(query, point, corner) triples one pass covers), compiled for sm_80 and sm_90 without a GPU. On a GPU
+the kernels issue per sample-corner (warp instructions of the innermost loop that gathers value
+rows, times warps, over the (query, corner) pairs one pass of it gathers), compiled for sm_80 and
+sm_90 without a GPU. On a GPU
 Part 1 adds the achieved fraction of the device's peak memory bandwidth (bytes model / time).
 
     python benchmarks/msda.py [--batch 2] [--runs 50] [--model-only]
@@ -86,8 +87,7 @@ def instruction_model() -> dict:
             capture_output=True, text=True, env=env, check=True)
         for r in json.loads(done.stdout):
             key = (arch, r["dtype"], r["head_dim"], r["form"], r["kernel"])
-            per_corner = r["loop_instructions"] * r["num_warps"] / (r["block_q"] * POINTS * 4)
-            model.setdefault(key, (per_corner, r["regs"], r["spills"]))
+            model.setdefault(key, (r["corner_instructions"], r["regs"], r["spills"]))
     return model
 
 

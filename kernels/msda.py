@@ -34,50 +34,35 @@ import triton.language as tl
 # Launch configurations. A program holds (BLOCK_Q, BLOCK_D) float32 tiles: the forward four corner
 # rows and an accumulator, the backward grad_output, four corners and their products besides. Each
 # thread's share of a tile is fixed per kernel: 16 elements in the forward, 4 in the backward. More
-# and some variant spills registers on sm_80 or sm_90; fewer and a float32 value row is gathered in
-# pieces narrower than 128 bits, or ptxas, left to pick the forward's register count, keeps it low
-# and spills an index across the levels loop (tests/test_msda_sass.py checks both). The backward
-# runs with ``maxnreg`` 255: left alone, ptxas stops it at 128 registers and spills a few values.
-# One forward form differs: at head dim 16 a 16-bit value row is a single 256-bit line, so a share
-# of 16 is two queries' rows per thread, and with 8 points that spills on sm_80 even with all 255
-# registers; there a thread takes one query (a share of 8, still a 128-bit gather per corner) under
-# ``maxnreg`` 255: left alone, ptxas picks fewer registers for that shorter body and spills again,
-# and under a limit of 128 it fills the limit and spills on sm_90; with 255 it settles near 180 on
-# both targets.
+# and some variant spills registers; fewer and a float32 value row is gathered in pieces narrower
+# than 128 bits (tests/test_msda_sass.py checks both on sm_80 and sm_90). Every kernel may use all
+# 255 registers: left to choose, ptxas aims at occupancy, stops some variants at 96 or 128 registers
+# and spills a few values across the loops.
 # Two configs meet each share at every head dim up to 128 (one tile, four or eight warps); on a GPU
 # autotune times both, per key; in Triton's interpreter and without a GPU there is nothing to time
 # and the first is taken.
 _ELEMENTS_PER_THREAD = {"forward": 16, "backward": 4}
-_NARROW_ROW_FORWARD = dict(elements=8, maxnreg=255)  # the forward at head dim 16, 16-bit dtypes
 _SHAPES = {  # (BLOCK_Q, num_warps)
     "forward": ((256, 8), (128, 8), (128, 4), (64, 8), (64, 4), (32, 8), (32, 4), (16, 4)),
     "backward": ((64, 8), (32, 8), (32, 4), (16, 8), (16, 4), (8, 8), (8, 4)),
 }
-_REGISTER_LIMIT = {"forward": None, "backward": 255}
+_REGISTER_LIMIT = 255
 # autotune adds the tensors' dtypes to the key
 _TUNE_KEY = ["head_dim", "num_levels", "POINTS", "FUSED", "query_bucket"]
 
 
 def _tuning(kernel: str) -> dict:
     """Autotune arguments for ``kernel``: its configs, pruned to those of the right share per thread
-    and register limit at the launch's head dim and dtype (beyond head dim 128 or so, the smallest
-    tile)."""
-    forms = [(_ELEMENTS_PER_THREAD[kernel], _REGISTER_LIMIT[kernel])]
-    if kernel == "forward":
-        forms.append((_NARROW_ROW_FORWARD["elements"], _NARROW_ROW_FORWARD["maxnreg"]))
+    at the launch's head dim (beyond head dim 128 or so, the smallest tile)."""
+    share = _ELEMENTS_PER_THREAD[kernel]
 
     def prune(configs, named_args, **kwargs):
-        share, limit = forms[0]
-        if kernel == "forward" and kwargs["BLOCK_D"] == 16 and named_args["value_ptr"].element_size() == 2:
-            share, limit = forms[1]
-        fitting = [c for c in configs if c.maxnreg == limit
-                   and c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == share * 32 * c.num_warps]
-        fitting = fitting or [c for c in configs if c.maxnreg == limit][-1:]
+        fitting = [c for c in configs if c.kwargs["BLOCK_Q"] * kwargs["BLOCK_D"] == share * 32 * c.num_warps]
+        fitting = fitting or configs[-1:]
         on_gpu = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         return fitting[:2] if on_gpu else fitting[:1]
 
-    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=limit)
-               for _, limit in forms for q, w in _SHAPES[kernel]]
+    configs = [triton.Config({"BLOCK_Q": q}, num_warps=w, maxnreg=_REGISTER_LIMIT) for q, w in _SHAPES[kernel]]
     return dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
 
 
@@ -144,8 +129,9 @@ def _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_level
 
 
 @triton.jit
-def _column(tile, p: tl.constexpr, P_BLOCK: tl.constexpr):
-    """Column p of a (BLOCK_Q, P_BLOCK) tile (p is a compile-time constant: a register pick)."""
+def _column(tile, p, P_BLOCK: tl.constexpr):
+    """Column p of a (BLOCK_Q, P_BLOCK) tile: a select among the P_BLOCK values each thread holds of
+    its rows, no memory access."""
     return tl.sum(tl.where(tl.arange(0, P_BLOCK)[None, :] == p, tile, 0.0), axis=1)
 
 
@@ -233,7 +219,11 @@ def _msda_forward_kernel(
         start = tl.load(starts_ptr + level).to(tl.int32)
         xs, ys, weights = _level_points(loc_ptr, ref_x, ref_y, attn_ptr, bqh, q_mask, level, num_levels, height,
                                         width, top, inv_total, POINTS, P_BLOCK, FUSED, COMPUTE)
-        for p in tl.static_range(POINTS):
+        # a run-time loop: unrolled in Triton's IR, its layout pass takes time that grows with the square
+        # of the points' memory instructions (compiles 3 to 4 times slower, so CI could not check every
+        # variant); LLVM still unrolls it where that pays, and the SASS instructions per sample corner
+        # stay within a few percent of the unrolled form's
+        for p in range(POINTS):
             a = _column(weights, p, P_BLOCK)
             x0, y0, fx, fy, v00, v01, v10, v11 = _sample_corners(
                 value_base, row_stride, start, _column(xs, p, P_BLOCK), _column(ys, p, P_BLOCK), width, height,
@@ -255,8 +245,8 @@ def _scatter(grad_value_base, row_stride, start, cx, cy, width, height, q_mask, 
 
 
 @triton.jit
-def _put(tile, p: tl.constexpr, column, P_BLOCK: tl.constexpr):
-    """``tile`` with column p (a compile-time constant) replaced by ``column``."""
+def _put(tile, p, column, P_BLOCK: tl.constexpr):
+    """``tile`` with column p replaced by ``column``."""
     return tl.where(tl.arange(0, P_BLOCK)[None, :] == p, column[:, None], tile)
 
 
@@ -293,7 +283,7 @@ def _msda_backward_kernel(
         grad_weights = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
         grad_xs = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
         grad_ys = tl.zeros((BLOCK_Q, P_BLOCK), dtype=COMPUTE)
-        for p in tl.static_range(POINTS):
+        for p in range(POINTS):  # a run-time loop, as in the forward
             a = _column(weights, p, P_BLOCK)
             x0, y0, fx, fy, v00, v01, v10, v11 = _sample_corners(
                 value_base, row_stride, start, _column(xs, p, P_BLOCK), _column(ys, p, P_BLOCK), width, height,

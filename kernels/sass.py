@@ -6,9 +6,13 @@ believe the active device is a GPU of a given compute capability, calls the op's
 launch compiles exactly what a real one would (same constants, autotune configs, pointer alignment
 and integer specialisation), compiles instead of launching, and reads each kernel's machine code:
 registers, stack bytes, spill instructions (LDL/STL), global loads, stores and atomics by width.
+The machine code keeps the source line of every instruction, so the value-row gathers (the load in
+``msda._corner``) and the grad_value scatter (the atomic in ``msda._scatter``) are told apart from
+every other memory instruction, however the compilers unroll the loops.
 
-``python -m vitadapter.kernels.sass --arch 80|90`` prints the table for every variant the op can
-launch (exit status 1 if any spills); ``--json`` gives the reports to a program.
+``python -m vitadapter.kernels.sass --arch 80`` prints the table for every variant the op can
+launch (exit status 1 if any spills); ``--json`` gives the reports to a program. Any target this
+Triton's ptxas knows can be named (86, 89, 100, 120, ...); CI checks 80 (A100) and 90 (H100/H200).
 Run it in a process of its own (``python -m vitadapter.kernels.sass``, or ``compile_variants``
 from a subprocess): it replaces Triton's active driver and ``torch.cuda.is_available`` for the
 rest of the process, and Triton's interpreter (``TRITON_INTERPRET=1``) must be off.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import inspect
 import itertools
 import json
 import os
@@ -30,11 +35,12 @@ import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)
-LEVELS = (1, 4)  # the level count is a run-time loop bound: 2 and 3 compile to what 4 does
+LEVELS = (1, 2, 3, 4)  # a run-time loop bound: every count launches the same kernel
 POINTS = (4, 8)
 ARCHS = (80, 90)
 
 _MEMORY = re.compile(r"\b((?:LDG|STG|ATOMG|REDG|RED|LDL|STL)(?:\.[A-Za-z0-9_]+)*)")
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([@A-Z].*?)\s*;")
 
 
 @dataclasses.dataclass
@@ -44,7 +50,7 @@ class Report:
     arch: int
     dtype: str
     head_dim: int
-    levels: int
+    levels: list  # the level counts whose launches compiled to this kernel
     points: int
     form: str  # "plain" or "fused"
     kernel: str
@@ -54,13 +60,16 @@ class Report:
     stack: int
     spills: int
     instructions: int
-    loop_instructions: int  # SASS instructions in the longest loop body (one level of points)
-    ops: dict
+    corner_instructions: float  # warp instructions per (query, sample corner) in the loop that gathers
+    ops: dict  # every global memory and local (spill) instruction, by opcode
+    gathers: dict  # the value-row loads, by opcode
+    scatters: dict  # the grad_value atomics, by opcode
 
-    def bits(self, prefix: str, at_least: int = 0) -> int:
-        """Bits one thread moves with the instructions whose opcode starts with ``prefix`` and which
-        move at least ``at_least`` bits each."""
-        return sum(_bits(op) * n for op, n in self.ops.items() if op.startswith(prefix) and _bits(op) >= at_least)
+    def bits(self, prefix, at_least: int = 0, ops: dict | None = None) -> int:
+        """Bits one thread moves with the instructions of ``ops`` (default: all) whose opcode starts
+        with ``prefix`` and which move at least ``at_least`` bits each."""
+        ops = self.ops if ops is None else ops
+        return sum(_bits(op) * n for op, n in ops.items() if op.startswith(prefix) and _bits(op) >= at_least)
 
 
 def _bits(op: str) -> int:
@@ -136,36 +145,81 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _longest_loop(sass: str) -> int:
-    """Instructions between a label and the furthest backward branch to it."""
-    lines = [ln for ln in sass.splitlines() if ln.strip()]
-    labels, count, best = {}, 0, 0
-    for ln in lines:
-        label = re.match(r"\s*\.(L_x_\d+):", ln)
-        if label:
-            labels[label.group(1)] = count
-        elif re.search(r"/\*[0-9a-f]{4,}\*/", ln):
-            count += 1
-            target = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", ln)
+def _call_lines(function, callee) -> set[int]:
+    """Lines, in their file, of the calls to the Triton function ``callee`` in ``function``'s source."""
+    lines, first = inspect.getsourcelines(function.fn)
+    call = f"{callee.fn.__name__}("
+    return {first + i for i, line in enumerate(lines) if call in line and not line.lstrip().startswith("def ")}
+
+
+def _parse_listing(listing: str) -> tuple[list[tuple[frozenset, str]], list[tuple[int, int]]]:
+    """The instructions of nvdisasm's listing (with ``--print-line-info-inline``) as (source lines,
+    instruction text), and its loops as (first, last + 1) instruction index spans: a label and the
+    furthest backward branch to it.
+
+    An instruction's source lines are the lines of kernels/msda.py it came from: its own and every
+    call site it was inlined through. The call sites are what identifies a role (ptxas' line for the
+    innermost frame of an inlined call can be a few lines off; the call sites are exact)."""
+    instructions, labels, loops, chain, fresh = [], {}, {}, set(), True
+    for text in listing.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", text)
+        instruction = _INSTRUCTION.search(text)
+        if text.lstrip().startswith("//##"):
+            if fresh:
+                chain, fresh = set(), False
+            chain |= {int(n) for path, n in re.findall(r'"([^"]+)", line (\d+)', text)
+                      if os.path.basename(path) == "msda.py"}
+        elif label:
+            labels[label.group(1)] = len(instructions)
+        elif instruction:
+            fresh = True
+            target = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", instruction.group(1))
             if target and target.group(1) in labels:
-                best = max(best, count - labels[target.group(1)])
-    return best
+                loops[target.group(1)] = (labels[target.group(1)], len(instructions) + 1)
+            instructions.append((frozenset(chain), instruction.group(1)))
+    return instructions, list(loops.values())
 
 
-def analyse(cubin: bytes) -> dict:
-    """Registers, stack, spills, instruction count, longest loop and memory opcodes of a cubin."""
+def analyse(cubin: bytes, block_q: int, num_warps: int, corner_bits: int) -> dict:
+    """Registers, stack, spills, instruction counts and memory opcodes of a cubin whose programs take
+    ``block_q`` queries on ``num_warps`` warps, each thread gathering ``corner_bits`` of the program's
+    rows of one sample corner."""
+    from vitadapter.kernels import msda
+
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run([_tool("nvdisasm"), "--print-line-info-inline", "-c", f.name],
+                                 capture_output=True, text=True, check=True).stdout
     regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    ops = collections.Counter(_MEMORY.findall(sass))
+    instructions, loops = _parse_listing(listing)
+    gather_calls = _call_lines(msda._sample_corners, msda._corner)
+    scatter_calls = _call_lines(msda._msda_backward_kernel.fn, msda._scatter)
+    ops, gathers, scatters = collections.Counter(), collections.Counter(), collections.Counter()
+    gather_at = []
+    for i, (lines, text) in enumerate(instructions):
+        memory = _MEMORY.search(text)
+        if not memory:
+            continue
+        ops[memory.group(1)] += 1
+        if lines & gather_calls and memory.group(1).startswith("LDG"):
+            gathers[memory.group(1)] += 1
+            gather_at.append(i)
+        elif lines & scatter_calls and memory.group(1).startswith(("RED", "ATOM")):
+            scatters[memory.group(1)] += 1
+    # the innermost loop that gathers: the warp instructions of one pass of it over the (query,
+    # corner) pairs that pass gathers
+    corner_instructions = 0.0
+    spans = [(last - first, first, last) for first, last in loops if any(first <= i < last for i in gather_at)]
+    if spans:
+        length, first, last = min(spans)
+        gathered = sum(_bits(_MEMORY.search(instructions[i][1]).group(1)) for i in gather_at if first <= i < last)
+        corner_instructions = length * num_warps / (block_q * gathered / corner_bits)
     spills = sum(n for op, n in ops.items() if op.startswith(("LDL", "STL")))
-    instructions = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[@A-Z]", sass))
-    return dict(regs=regs, stack=stack, spills=spills, instructions=instructions,
-                loop_instructions=_longest_loop(sass), ops=dict(ops))
+    return dict(regs=regs, stack=stack, spills=spills, instructions=len(instructions),
+                corner_instructions=corner_instructions, ops=dict(ops), gathers=dict(gathers), scatters=dict(scatters))
 
 
 def _inputs(dtype, head_dim, levels, points, heads=2, queries=100, batch=1):
@@ -197,40 +251,56 @@ def _launch_form(form, value, shapes, starts, locations, weights, logits, refere
 
 def compile_variants(arch: int, dtypes=DTYPES, head_dims=HEAD_DIMS, levels=LEVELS, points=POINTS,
                      forms=("plain", "fused")) -> list[Report]:
-    """Compile every combination for ``arch`` and report each kernel once (a combination whose
-    kernel an earlier one already compiled, same specialisation, is not repeated)."""
+    """Compile every combination for ``arch`` and report each kernel once, with the level counts
+    whose launches compiled to it."""
+    import triton
+
     _install(arch)
-    reports, seen = [], set()
+    reports, by_kernel = [], {}
     for dtype, head_dim, n_levels, n_points, form in itertools.product(dtypes, head_dims, levels, points, forms):
         _compiled.clear()
         _launch_form(form, *_inputs(dtype, head_dim, n_levels, n_points))
         for name, block_q, num_warps, kernel in _compiled:
-            if id(kernel) in seen:
-                continue
-            seen.add(id(kernel))
-            reports.append(Report(arch, str(dtype).removeprefix("torch."), head_dim, n_levels, n_points, form,
-                                  name.removeprefix("_msda_").removesuffix("_kernel"), block_q, num_warps,
-                                  **analyse(kernel.asm["cubin"])))
+            report = by_kernel.get(id(kernel))
+            if report is None:
+                corner_bits = block_q * triton.next_power_of_2(head_dim) * torch.finfo(dtype).bits // (32 * num_warps)
+                report = by_kernel[id(kernel)] = Report(
+                    arch, str(dtype).removeprefix("torch."), head_dim, [], n_points, form,
+                    name.removeprefix("_msda_").removesuffix("_kernel"), block_q, num_warps,
+                    **analyse(kernel.asm["cubin"], block_q, num_warps, corner_bits))
+                reports.append(report)
+            if n_levels not in report.levels:
+                report.levels.append(n_levels)
     return reports
+
+
+def _widths(ops: dict) -> str:
+    """'128b x8, 32b x2': how many instructions of each width, widest first."""
+    by_width = collections.Counter()
+    for op, n in ops.items():
+        by_width[_bits(op)] += n
+    return ", ".join(f"{bits}b x{n}" for bits, n in sorted(by_width.items(), reverse=True))
 
 
 def table(reports: list[Report]) -> str:
     """Markdown table of ``reports``."""
     rows = ["| sm | dtype | head dim | levels | points | form | kernel | BLOCK_Q, warps | regs | stack B | spill instr "
-            "| SASS instr | loop instr | global loads | atomics |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| SASS instr | instr / corner | value-row gathers | grad_value scatter | other global loads |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        loads = ", ".join(f"{op.removeprefix('LDG.E.')} {n}" for op, n in sorted(r.ops.items()) if op.startswith("LDG"))
-        atomics = ", ".join(f"{op} {n}" for op, n in sorted(r.ops.items()) if op.startswith(("ATOM", "RED")))
-        rows.append(f"| {r.arch} | {r.dtype} | {r.head_dim} | {r.levels} | {r.points} | {r.form} | {r.kernel} "
-                    f"| {r.block_q}, {r.num_warps} | {r.regs} | {r.stack} | {r.spills} | {r.instructions} | {r.loop_instructions} "
-                    f"| {loads} | {atomics} |")
+        loads = {op: n - r.gathers.get(op, 0) for op, n in r.ops.items() if op.startswith("LDG")}
+        levels = f"{min(r.levels)}-{max(r.levels)}" if len(r.levels) > 1 else str(r.levels[0])
+        rows.append(f"| {r.arch} | {r.dtype} | {r.head_dim} | {levels} | {r.points} | {r.form} | {r.kernel} "
+                    f"| {r.block_q}, {r.num_warps} | {r.regs} | {r.stack} | {r.spills} | {r.instructions} "
+                    f"| {r.corner_instructions:.2f} | {_widths(r.gathers)} | {_widths(r.scatters)} "
+                    f"| {_widths({op: n for op, n in loads.items() if n})} |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, choices=ARCHS, default=90)
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability without the dot: 80 (A100), 86, 89, 90 (H100/H200), 100, 120")
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
     parser.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))

@@ -1,15 +1,12 @@
 """The Triton kernels as an A100 (sm_80) and an H100 (sm_90) would run them, without a GPU.
 
-The variants the registered models launch (forward and backward, plain and fused, float32 and
-bfloat16, head dims 32 and 64, 4 points, one or more levels, every autotune config a GPU would
-time), and the fused float16/bfloat16 form at head dim 16 with 8 points (the one form whose
-forward takes its own launch config, see kernels/msda.py), are compiled through the op's
-registered entry points by ``vitadapter.kernels.sass`` and their machine code read: none may spill
-registers to local memory, and the value rows must be gathered with wide loads. Both targets compile at once, each in a process of its own (the compiler
-is single-threaded): 80 kernels; the 64 of the models' variants take ~90 CPU-seconds cold (140 s
-wall measured on two cores shared with other jobs), less with Triton's on-disk cache warm. The whole range (float16 too, head dims
-16 to 128, 8 points: 360 kernels, ~12 CPU-minutes) is ``python -m vitadapter.kernels.sass --arch
-80|90``, whose result MODEL_CARD records.
+Every variant the op can launch (forward and backward, plain and fused, float32/float16/bfloat16,
+head dims 16 to 128, 1 to 4 levels, 4 or 8 points, every autotune config a GPU would time) is
+compiled through the op's registered entry points by ``vitadapter.kernels.sass`` and its machine
+code read: none may spill registers to local memory, the value rows must be gathered with wide
+loads and, on sm_90, grad_value scattered with vector atomics. Both targets compile at once, each
+in a process of its own (the compiler is single-threaded): 360 kernels, about 100 s on two cores
+with Triton's cache empty. The table of every kernel goes to CI's log.
 """
 import itertools
 import json
@@ -25,10 +22,12 @@ TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
                                 reason="this Triton wheel ships no NVIDIA toolchain")
 
-MATRICES = (
-    dict(dtypes=("float32", "bfloat16"), head_dims=(32, 64), points=(4,), forms=("plain", "fused")),
-    dict(dtypes=("float16", "bfloat16"), head_dims=(16,), points=(8,), forms=("fused",)),
-)
+ARCHS = (80, 90)
+DTYPES = ("float32", "float16", "bfloat16")
+HEAD_DIMS = (16, 32, 64, 128)
+LEVELS = (1, 2, 3, 4)
+POINTS = (4, 8)
+FORMS = ("plain", "fused")
 # bits per gather instruction that a value row of each dtype must get at least
 GATHER_BITS = {"float32": 128, "float16": 64, "bfloat16": 64}
 ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -36,20 +35,18 @@ ELEMENT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 def compile_arch(arch: int) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    reports = []
-    for matrix in MATRICES:
-        args = [f"--{name.replace('_', '-')}={','.join(map(str, values))}" for name, values in matrix.items()]
-        done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json", *args],
-                              capture_output=True, text=True, env=env, timeout=1200)
-        assert done.returncode == 0, done.stderr[-3000:]
-        reports += json.loads(done.stdout)
-    return reports
+    matrix = dict(dtypes=DTYPES, head_dims=HEAD_DIMS, levels=LEVELS, points=POINTS, forms=FORMS)
+    args = [f"--{name.replace('_', '-')}={','.join(map(str, values))}" for name, values in matrix.items()]
+    done = subprocess.run([sys.executable, "-m", "vitadapter.kernels.sass", "--arch", str(arch), "--json", *args],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
 def reports():
-    with ThreadPoolExecutor(2) as pool:
-        return [r for arch_reports in pool.map(compile_arch, (80, 90)) for r in arch_reports]
+    with ThreadPoolExecutor(len(ARCHS)) as pool:
+        return [r for arch_reports in pool.map(compile_arch, ARCHS) for r in arch_reports]
 
 
 def describe(r: dict) -> str:
@@ -62,12 +59,11 @@ def test_every_variant_compiles_for_both_targets(reports, capsys):
 
     with capsys.disabled():  # CI's log keeps the table: a regression in registers or instructions shows
         print("\n" + sass.table([sass.Report(**r) for r in reports]))
-    variants = [v for m in MATRICES
-                for v in itertools.product((80, 90), m["dtypes"], m["head_dims"], m["points"], m["forms"])]
-    for variant in variants:
-        kernels = {r["kernel"] for r in reports
-                   if (r["arch"], r["dtype"], r["head_dim"], r["points"], r["form"]) == variant}
-        assert kernels == {"forward", "backward"}, variant
+    for variant in itertools.product(ARCHS, DTYPES, HEAD_DIMS, POINTS, FORMS):
+        kernels = [r for r in reports if (r["arch"], r["dtype"], r["head_dim"], r["points"], r["form"]) == variant]
+        assert {r["kernel"] for r in kernels} == {"forward", "backward"}, variant
+        for r in kernels:  # the level count is a run-time loop bound: one kernel serves them all
+            assert sorted(r["levels"]) == list(LEVELS), (variant, r["kernel"], r["levels"])
 
 
 def test_no_variant_spills(reports):
@@ -77,32 +73,33 @@ def test_no_variant_spills(reports):
 
 
 def test_value_rows_are_gathered_with_wide_loads(reports):
-    """Each thread's share of the four corner rows of every point must be loaded by instructions
-    at least GATHER_BITS wide: the bits those instructions move cover at least the gathers' bits."""
+    """Every instruction that gathers a value row (told apart from other loads by its source line)
+    moves at least GATHER_BITS, and together they gather the four corners of at least one point."""
     narrow = []
     for r in reports:
         threads = 32 * r["num_warps"]
         corner_bits = r["block_q"] * r["head_dim"] * ELEMENT_BITS[r["dtype"]] // threads
-        needed = 4 * r["points"] * corner_bits
-        moved = sass_bits(r, "LDG", GATHER_BITS[r["dtype"]])
-        if moved < needed:
-            narrow.append(f"{describe(r)}: {moved} of {needed} bits per thread in loads of "
-                          f">= {GATHER_BITS[r['dtype']]} bits ({r['ops']})")
+        wide = sass_bits(r, "LDG", GATHER_BITS[r["dtype"]], "gathers")
+        if sass_bits(r, "LDG", 0, "gathers") != wide or wide < 4 * corner_bits:
+            narrow.append(f"{describe(r)}: gathers {r['gathers']}, {4 * corner_bits} bits per thread for a point's "
+                          f"corners, every instruction >= {GATHER_BITS[r['dtype']]} bits")
     assert not narrow, "\n".join(narrow)
 
 
-def test_grad_value_scatter_is_vectorised_on_sm90(reports):
-    """sm_90 has vector float32 atomics: the backward's scatter into grad_value uses them."""
-    scalar = [f"{describe(r)}: {r['ops']}" for r in reports
-              if r["arch"] == 90 and r["kernel"] == "backward"
-              and sass_bits(r, ("RED", "ATOM"), 64) < sass_bits(r, ("RED", "ATOM"))]
+def test_grad_value_is_scattered_with_vector_atomics_on_sm90(reports):
+    """sm_90 has vector float32 atomics: every atomic of the backward's grad_value scatter uses them
+    (sm_80 has none: there they are scalar, but they must be found all the same)."""
+    backward = [r for r in reports if r["kernel"] == "backward"]
+    scalar = [f"{describe(r)}: {r['scatters']}" for r in backward
+              if not r["scatters"] or (r["arch"] == 90 and sass_bits(r, ("RED", "ATOM"), 64, "scatters")
+                                       != sass_bits(r, ("RED", "ATOM"), 0, "scatters"))]
     assert not scalar, "\n".join(scalar)
 
 
-def sass_bits(r: dict, prefix, at_least: int = 0) -> int:
+def sass_bits(r: dict, prefix, at_least: int = 0, role: str = "ops") -> int:
     from vitadapter.kernels import sass
 
-    return sass.Report(**r).bits(prefix, at_least)
+    return sass.Report(**r).bits(prefix, at_least, r[role])
 
 
 def test_bit_widths_are_read_from_opcodes():
@@ -111,3 +108,31 @@ def test_bit_widths_are_read_from_opcodes():
     assert [_bits(op) for op in ("LDG.E.128", "LDG.E.64", "LDG.E", "LDG.E.U16", "STG.E.U8",
                                  "RED.E.ADD.F32.FTZ.RN.STRONG.GPU", "RED.E.ADD.F32x4.FTZ.RN.STRONG.GPU")] == \
         [128, 64, 32, 16, 8, 32, 128]
+
+
+def test_listing_lines_and_loops_are_parsed():
+    """Each instruction carries every msda.py line of the chain above it (own line and call sites);
+    a backward branch to a label closes a loop."""
+    from vitadapter.kernels.sass import _parse_listing
+
+    listing = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_0:",
+        '\t//## File "/src/msda.py", line 170 inlined at "/src/msda.py", line 178',
+        '\t//## File "/src/msda.py", line 178 inlined at "/src/msda.py", line 283',
+        '\t//## File "/src/msda.py", line 283',
+        "        /*0010*/              @P0 LDG.E.128 R4, [R2.64] ;",
+        "        /*0020*/                   FADD R5, R4, R4 ;",
+        '\t//## File "/lib/standard.py", line 5',
+        "        /*0030*/              @P1 BRA `(.L_x_0) ;",
+        "        /*0040*/                   EXIT ;",
+    ])
+    instructions, loops = _parse_listing(listing)
+    assert instructions == [
+        (frozenset(), "MOV R1, c[0x0][0x28]"),
+        (frozenset({170, 178, 283}), "@P0 LDG.E.128 R4, [R2.64]"),
+        (frozenset({170, 178, 283}), "FADD R5, R4, R4"),
+        (frozenset(), "@P1 BRA `(.L_x_0)"),
+        (frozenset(), "EXIT"),
+    ]
+    assert loops == [(1, 4)]
