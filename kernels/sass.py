@@ -158,8 +158,9 @@ def _parse_listing(listing: str) -> tuple[list[tuple[frozenset, str]], list[tupl
     furthest backward branch to it.
 
     An instruction's source lines are the lines of kernels/msda.py it came from: its own and every
-    call site it was inlined through. The call sites are what identifies a role (ptxas' line for the
-    innermost frame of an inlined call can be a few lines off; the call sites are exact)."""
+    call site it was inlined through. The call sites are what identifies a role: the line the
+    compilers give the innermost frame of an inlined call can be a few lines off, the call sites are
+    exact."""
     instructions, labels, loops, chain, fresh = [], {}, {}, set(), True
     for text in listing.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", text)
