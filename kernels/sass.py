@@ -309,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forms", default="plain,fused")
     parser.add_argument("--json", action="store_true", help="one JSON list of the reports instead of a table")
     args = parser.parse_args(argv)
+    if args.arch < 75:
+        parser.error(f"--arch {args.arch}: the NVIDIA tools in Triton's wheel read sm_75 and newer")
     reports = compile_variants(
         args.arch,
         dtypes=[getattr(torch, d) for d in args.dtypes.split(",")],
