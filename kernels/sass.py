@@ -37,7 +37,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)
 LEVELS = (1, 2, 3, 4)  # a run-time loop bound: every count launches the same kernel
 POINTS = (4, 8)
-ARCHS = (80, 90)
 
 _MEMORY = re.compile(r"\b((?:LDG|STG|ATOMG|REDG|RED|LDL|STL)(?:\.[A-Za-z0-9_]+)*)")
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([@A-Z].*?)\s*;")
