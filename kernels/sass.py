@@ -123,6 +123,9 @@ def _install(arch: int) -> None:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     from triton.runtime import autotuner, driver, jit
 
+    # the gathers and atomics are found by their source lines (Triton's default keeps them; the
+    # line table does not change the code ptxas generates)
+    os.environ.pop("TRITON_DISABLE_LINE_INFO", None)
     driver.set_active(_PretendGPU(arch))
     # the kernels choose their autotune configs by whether a GPU is there: compile the GPU's list
     torch.cuda.is_available = lambda: True

@@ -34,6 +34,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_collection_finish(session):
+    """A test module with ``start_in_background(config)`` (test_msda_sass.py: its kernels compile in
+    child processes for minutes) gets it called once the selected tests are known, so the work runs
+    beside the rest of the suite."""
+    if session.config.option.collectonly:
+        return
+    modules = {item.module for item in session.items if getattr(item, "module", None) is not None}
+    for module in modules:
+        if hasattr(module, "start_in_background"):
+            module.start_in_background(session.config)
+
+
 def backbone_archs() -> list[str]:
     """Registered architectures that return a pyramid (segmentors excluded)."""
     import timm
