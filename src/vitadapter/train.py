@@ -30,14 +30,13 @@ from .trainer import (
     Log,
     Recipe,
     build_optimizer,
-    check_writable,
     fit,
     in_processes,
     load_resumed,
     locked,
+    open_run,
     poly_schedule,
     prepare_model,
-    read_checkpoint,
     save_file,
 )
 
@@ -101,19 +100,13 @@ def _train(options: TrainOptions, rank: int, world: int, device: torch.device) -
     synced = world if device.type == "cuda" else 1  # SyncBatchNorm pools the batches of the GPUs
     if options.batch_size * synced < 2:
         raise ValueError("--batch-size 1: the heads' BatchNorm needs 2 or more images per batch (or several GPUs under torchrun)")
-    if rank != 0:
-        return _run(options, rank, world, device)
-    return locked(Path(options.out), "train-seg", lambda: _run(options, rank, world, device))
+    return locked(Path(options.out), "train-seg", rank, lambda: _run(options, rank, world, device))
 
 
 def _run(options: TrainOptions, rank: int, world: int, device: torch.device) -> Path:
     run_dir = Path(options.out)
-    resumed = read_checkpoint(run_dir, "train-seg", asdict(_with_recipe(options)), world) if options.resume else None
-    if resumed is None and (run_dir / CHECKPOINT).exists():
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --out")
     options = _with_recipe(options)
-    if rank == 0:
-        check_writable(run_dir)
+    resumed = open_run(run_dir, "train-seg", asdict(options), world, options.resume, rank)
     torch.manual_seed(options.seed)  # the same on every process, as mmseg seeds them
     segmentor = build_segmentor(options, initial_weights=resumed is None)
     crop = _crop_size(options, segmentor)

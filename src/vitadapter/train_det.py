@@ -36,14 +36,13 @@ from .trainer import (
     Log,
     Recipe,
     build_optimizer,
-    check_writable,
     fit,
     in_processes,
     load_resumed,
     locked,
+    open_run,
     poly_schedule,
     prepare_model,
-    read_checkpoint,
     save_file,
     step_schedule,
 )
@@ -114,13 +113,8 @@ class DetTrainOptions:
 def train_detection(options: DetTrainOptions) -> Path:
     """Train as ``options`` say; returns the path of the final model. Under ``torchrun`` every process
     calls this; rank 0 alone writes."""
-    return in_processes(options.device, lambda rank, world, device: _train(options, rank, world, device))
-
-
-def _train(options: DetTrainOptions, rank: int, world: int, device: torch.device) -> Path:
-    if rank != 0:
-        return _run(options, rank, world, device)
-    return locked(Path(options.out), "train-det", lambda: _run(options, rank, world, device))
+    return in_processes(options.device, lambda rank, world, device: locked(
+        Path(options.out), "train-det", rank, lambda: _run(options, rank, world, device)))
 
 
 def _run(options: DetTrainOptions, rank: int, world: int, device: torch.device) -> Path:
@@ -129,11 +123,7 @@ def _run(options: DetTrainOptions, rank: int, world: int, device: torch.device) 
     if len(data) == 0:
         raise ValueError(f"{options.ann_file}: no image of {MIN_SIZE} px or more has an annotation: nothing to train on")
     options = resolve(options, data, world)
-    resumed = read_checkpoint(run_dir, "train-det", asdict(options), world) if options.resume else None
-    if resumed is None and (run_dir / CHECKPOINT).exists():
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --out")
-    if rank == 0:
-        check_writable(run_dir)
+    resumed = open_run(run_dir, "train-det", asdict(options), world, options.resume, rank)
     torch.manual_seed(options.seed)  # the same on every process, as mmdet seeds them
     detector = build_detector(options, initial_weights=resumed is None)
     if len(data.class_names) == detector.num_classes:

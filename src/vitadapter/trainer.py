@@ -165,10 +165,12 @@ def in_processes(device_name: str, body: Callable[[int, int, torch.device], T]) 
             dist.destroy_process_group()
 
 
-def locked(run_dir: Path, command: str, body: Callable[[], T]) -> T:
-    """``body()`` holding the lock of ``run_dir`` (created if missing), as rank 0 of a run: a second run
-    into the folder would interleave the log and overwrite the checkpoints. A folder this call created
-    is removed again if the run fails while it is still empty."""
+def locked(run_dir: Path, command: str, rank: int, body: Callable[[], T]) -> T:
+    """``body()``, on rank 0 holding the lock of ``run_dir`` (created if missing): a second run into
+    the folder would interleave the log and overwrite the checkpoints. A folder this call created is
+    removed again if the run fails while it is still empty. Other ranks write nothing: no lock."""
+    if rank != 0:
+        return body()
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -287,6 +289,18 @@ def save_checkpoint(
         "world_size": world_size,
     }
     save_file(path, state)
+
+
+def open_run(run_dir: Path, command: str, resolved: dict[str, Any], world_size: int, resume: bool,
+             rank: int) -> dict[str, Any] | None:
+    """The checkpoint a ``resume`` run continues from, or None for a new run, refused where a run's
+    checkpoint already is; rank 0 also checks now that the folder takes files."""
+    resumed = read_checkpoint(run_dir, command, resolved, world_size) if resume else None
+    if resumed is None and (run_dir / CHECKPOINT).exists():
+        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick another --out")
+    if rank == 0:
+        check_writable(run_dir)
+    return resumed
 
 
 def read_checkpoint(run_dir: Path, command: str, resolved: dict[str, Any], world_size: int) -> dict[str, Any]:
