@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -34,6 +35,20 @@ def image_files(path: Optional[str]) -> list[tuple[str, Any]]:
     if not source.is_file():
         raise UsageError(f"no image file or folder at {path!r}")
     return [(path, source)]
+
+
+def check_images(path: Optional[str], images: list[tuple[str, Any]]) -> None:
+    """Before any model is built: for a folder, name on stderr the files left out (no image extension
+    Pillow reads); for one image, read it (one that cannot be read is the error)."""
+    if path is not None and Path(path).is_dir():
+        listed = {file for _, file in images}
+        others = sorted(p.name for p in Path(path).iterdir()
+                        if file_or_link(p) and p not in listed and not p.name.startswith("."))
+        if others:
+            print(f"vitadapter: left out {len(others)} file(s) without an image extension: {first_few(others)}",
+                  file=sys.stderr)
+    else:
+        read_image(*images[0])
 
 
 def file_or_link(path: Path) -> bool:

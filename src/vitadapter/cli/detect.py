@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..weights.staging import save_image, write_atomically
-from ._common import UsageError, first_few, one_line, subcommand, torch_device
+from ._common import UsageError, one_line, subcommand, torch_device
 from ._detectors import (
     add_detector_options, category_ids, check_detector_options, class_names, detector_model, scale_text, weights_line,
 )
-from ._images import file_or_link, image_files, output_stems, read_image, refuse_replacing_inputs
+from ._images import check_images, image_files, output_stems, read_image, refuse_replacing_inputs
 
 DETECT_FOLDER = "vitadapter_detect"
 RESULTS = "detections.json"
@@ -50,14 +50,7 @@ def detect(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: names the folder for the overlays and {RESULTS}, and it is a file")
     check_detector_options(args)
-    folder = args.image is not None and Path(args.image).is_dir()
-    if folder:
-        listed = {path for _, path in images}
-        others = sorted(p.name for p in Path(args.image).iterdir() if file_or_link(p) and p not in listed and not p.name.startswith("."))
-        if others:
-            print(f"vitadapter: left out {len(others)} file(s) without an image extension: {first_few(others)}", file=sys.stderr)
-    else:  # one image: one that cannot be read is the error, before any model is built
-        read_image(*images[0])
+    check_images(args.image, images)
     paths = [Path(name) for name, _ in images]
     stems = output_stems(paths)
     refuse_replacing_inputs([out / f"{stem}.overlay.png" for stem in stems] + [out / RESULTS], images, out)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..weights.staging import save_image
-from ._common import UsageError, first_few, one_line, subcommand, torch_device
-from ._images import file_or_link, image_files, output_stems, read_image, refuse_replacing_inputs
+from ._common import UsageError, one_line, subcommand, torch_device
+from ._images import check_images, image_files, output_stems, read_image, refuse_replacing_inputs
 from ._segmentors import (
     add_segmentor_options, check_segmentor_options, class_names, predict_labels, scales_and_flip, segmentor_model,
     weights_line,
@@ -32,14 +32,7 @@ def segment(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: names the folder for the label maps and overlays, and it is a file")
     check_segmentor_options(args)
-    folder = args.image is not None and Path(args.image).is_dir()
-    if folder:
-        listed = {path for _, path in images}
-        others = sorted(p.name for p in Path(args.image).iterdir() if file_or_link(p) and p not in listed and not p.name.startswith("."))
-        if others:
-            print(f"vitadapter: left out {len(others)} file(s) without an image extension: {first_few(others)}", file=sys.stderr)
-    else:  # one image: one that cannot be read is the error, before any model is built
-        read_image(*images[0])
+    check_images(args.image, images)
     stems = output_stems([Path(name) for name, _ in images])
     refuse_replacing_inputs([out / f"{stem}.{kind}.png" for stem in stems for kind in ("label", "overlay")], images, out)
     device = torch_device(args.device)
