@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from ..converters.mmdet import detector_heads_kwargs
@@ -16,10 +15,8 @@ from ..data import coco
 from ..detection import AugTest, TwoStageDetectorHeads
 from ..detection.training import DetectorTraining, detector_losses
 from ..predict import DETECTION_SCALE, check_detection_image, detection_batch, padded_detection_size
-from ..weights.fetch import fetch_weights
-from ..weights.read import read_weights
 from .checkpoints import load_detector_checkpoint
-from .segmentor import _prefixed
+from .task_model import create_task_model, prefixed_group_rule
 
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -156,7 +153,7 @@ class Detector(TwoStageDetectorHeads):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer groups for layer-wise lr decay: the backbone's groups with its names prefixed; the
         adapter, neck and heads (unmatched) join the last group."""
-        return {group: _prefixed(rule, "backbone.") for group, rule in self.backbone.group_matcher(coarse).items()}
+        return {group: prefixed_group_rule(rule, "backbone.") for group, rule in self.backbone.group_matcher(coarse).items()}
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
@@ -201,47 +198,14 @@ def create_detector(
 ) -> Detector:
     """A registered detector: the ``backbone`` architecture and the heads of upstream's mmdet config
     ``heads`` gives for its width and class count, at upstream's COCO ``test_scale`` (and its
-    multi-scale flip test ``aug_test`` where upstream has one).
+    multi-scale flip test ``aug_test`` where upstream has one); loading and the other arguments as
+    ``task_model.create_task_model`` says (the class-specific layers: classifiers and the
+    class-specific box and mask regressors)."""
 
-    ``pretrained`` loads the tag's whole release (backbone, neck and heads); with another
-    ``num_classes`` the classifiers and class-specific box and mask regressors stay fresh (for
-    fine-tuning on other classes). A ``save_pretrained`` folder (``local-dir:`` / ``hf-hub:``) loads
-    strictly: every key of the file and of the model must match, unless another ``num_classes`` is
-    asked for. ``pretrained_backbone=True`` starts the backbone from its default tag instead (the
-    ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
-    ``head_args``: the architecture's own arguments (the heads' widths), recorded in ``model_args``.
-    """
-    if kwargs.pop("features_only", False):
-        raise ValueError(
-            f"{variant} is a task model (image -> detections) without a features_only form: its feature "
-            f"backbone is detector.backbone, or create {backbone!r} with features_only=True"
-        )
-    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
-    pretrained_backbone = kwargs.pop("pretrained_backbone", False)
-
-    def build(num_classes: int = 80, **backbone_kwargs: Any) -> Detector:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        backbone_kwargs.pop("global_pool", None)
-        net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
+    def make(net: nn.Module, num_classes: int, cfg: Any, names: Optional[tuple[str, ...]]) -> Detector:
         heads_kwargs = detector_heads_kwargs(heads(net.feature_info[0]["num_chs"], num_classes))
-        names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
-        detector = Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std,
-                            test_scale=test_scale, aug_test=aug_test)
-        # the backbone's own arguments (every one, so that its registered defaults may change) rebuild it
-        backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
-        detector.model_args = dict(backbone_args, num_classes=num_classes, **head_args)
-        if pretrained:
-            checkpoint, source = cfg.state_dict, "the given state_dict"
-            if checkpoint is None:
-                source = fetch_weights(cfg.to_dict(), cache_dir, timeout)
-                checkpoint = read_weights(source)
-            same_classes = num_classes == cfg.num_classes
-            dropped = load_detector_checkpoint(detector, checkpoint, keep_classifier=same_classes)
-            if dropped and same_classes and cfg.source in ("local-dir", "hf-hub"):
-                raise ValueError(f"{source} holds keys this {variant} does not have: {', '.join(dropped[:10])}")
-        return detector
+        return Detector(net, **heads_kwargs, class_names=names, mean=cfg.mean, std=cfg.std,
+                        test_scale=test_scale, aug_test=aug_test)
 
-    return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
+    return create_task_model(variant, backbone, pretrained, kwargs, make, load_detector_checkpoint, head_args,
+                             default_classes=80, kind="detector", output="detections")

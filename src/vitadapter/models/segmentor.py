@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, get_pretrained_cfg, resolve_pretrained_cfg
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from ..data import ade20k, cityscapes, coco_stuff
-from ..weights.fetch import fetch_weights
-from ..weights.read import read_weights
 from .checkpoints import load_segmentor_checkpoint
+from .task_model import create_task_model, prefixed_group_rule
 
 
 class Segmentor(nn.Module):
@@ -121,7 +119,7 @@ class Segmentor(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer groups for layer-wise lr decay: the backbone's groups with its names prefixed; the
         adapter and the heads (unmatched) join the last group, at the full learning rate."""
-        return {group: _prefixed(rule, "backbone.") for group, rule in self.backbone.group_matcher(coarse).items()}
+        return {group: prefixed_group_rule(rule, "backbone.") for group, rule in self.backbone.group_matcher(coarse).items()}
 
     def no_weight_decay(self) -> set[str]:
         inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
@@ -164,44 +162,15 @@ def create_segmentor(
     head_args: dict[str, Any],
 ) -> Segmentor:
     """A registered segmentor: the ``backbone`` architecture, the heads ``heads`` makes, sliding-window
-    inference over ``crop`` every ``stride`` (upstream's test settings).
+    inference over ``crop`` every ``stride`` (upstream's test settings); loading and the other
+    arguments as ``task_model.create_task_model`` says."""
 
-    ``pretrained`` loads the tag's whole release (backbone and heads; with another ``num_classes``
-    the classifiers stay fresh). A ``save_pretrained`` folder (``local-dir:`` / ``hf-hub:``) loads
-    strictly: every key of the file and of the model must match, unless another ``num_classes`` is
-    asked for. ``pretrained_backbone=True`` starts the backbone from its default tag instead (the
-    ImageNet trunk upstream trains from). Other keyword arguments go to the backbone.
-    ``head_args``: the architecture's own arguments as the heads were built with them (read once
-    ``heads`` has run), recorded in ``model_args``.
-    """
-    if kwargs.pop("features_only", False):
-        raise ValueError(
-            f"{variant} is a task model (image -> class logits) without a features_only form: its feature "
-            f"backbone is segmentor.backbone, or create {backbone!r} with features_only=True"
-        )
-    cache_dir, timeout = kwargs.pop("cache_dir", None), kwargs.pop("timeout", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay)
-    pretrained_backbone = kwargs.pop("pretrained_backbone", False)
-
-    def build(num_classes: int = 150, **backbone_kwargs: Any) -> Segmentor:
-        backbone_kwargs.pop("global_pool", None)
-        net = timm.create_model(backbone, pretrained=pretrained_backbone, **backbone_kwargs)
+    def make(net: nn.Module, num_classes: int, cfg: Any, names: Optional[tuple[str, ...]]) -> Segmentor:
         decode_head, auxiliary_head = heads(net.feature_info[0]["num_chs"], num_classes, cfg)
-        names = cfg.label_names if cfg.label_names and len(cfg.label_names) == num_classes else None
-        segmentor = Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
-        # the backbone's own arguments (every one, so that its registered defaults may change) rebuild it
-        backbone_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}
-        segmentor.model_args = dict(backbone_args, num_classes=num_classes, **head_args)
-        if pretrained:
-            path = fetch_weights(cfg.to_dict(), cache_dir, timeout)
-            saved = cfg.source in ("local-dir", "hf-hub") and num_classes == cfg.num_classes
-            dropped = load_segmentor_checkpoint(segmentor, read_weights(path), keep_classifier=saved)
-            if saved and dropped:
-                raise ValueError(f"{path} holds keys this {variant} does not have: {', '.join(dropped[:10])}")
-        return segmentor
+        return Segmentor(net, decode_head, auxiliary_head, "slide", crop, stride, class_names=names)
 
-    return build_model_with_cfg(build, variant, False, pretrained_cfg=cfg, **kwargs)
+    return create_task_model(variant, backbone, pretrained, kwargs, make, load_segmentor_checkpoint, head_args,
+                             default_classes=150, kind="segmentor", output="class logits")
 
 
 def _pair(value: Sequence[int] | int, name: str) -> tuple[int, int]:
@@ -209,10 +178,3 @@ def _pair(value: Sequence[int] | int, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
     return pair
-
-
-def _prefixed(rule: Any, prefix: str) -> Any:
-    """A timm group rule (a regex, or a list of (regex, suffix) pairs) for parameters under ``prefix``."""
-    if isinstance(rule, str):
-        return "^" + prefix.replace(".", r"\.") + rule.removeprefix("^")
-    return [(_prefixed(pattern, prefix), suffix) for pattern, suffix in rule]
